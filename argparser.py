@@ -17,7 +17,7 @@ them), with the fixes of the project's decision table (``SPEC.md``):
   non-default value of such an option is reported in ``opts.option_warnings``.
 
 Public API: :func:`get_argparser`, :func:`modify_command_options`, :func:`parse_options`,
-:func:`explicit_options`, :data:`METHOD_PRESETS`, :data:`ORIGINAL_REPO_VALUES`.
+:func:`explicit_options`, :func:`options_to_dict`, :data:`METHOD_PRESETS`, :data:`ORIGINAL_REPO_VALUES`.
 """
 import argparse
 import json
@@ -40,6 +40,7 @@ __all__ = [
     "modify_command_options",
     "parse_options",
     "original_repo_flags",
+    "options_to_dict",
 ]
 
 METHODS = ("FT", "LWF", "LWF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "SSUL", "SATS")
@@ -313,6 +314,9 @@ def _add_training_options(parser):
     _add_switch(g, "freeze",
                 "at steps > 0 leave the feature extractor out of the optimiser (ILT); with --ssul "
                 "only the new, unknown and background classifiers are trained (SSUL)")
+    g.add_argument("--stop_after_epochs", type=int, default=None,
+                   help="stop this invocation after N epochs of the step (the checkpoint is saved; "
+                        "continue later with --ckpt); default: train every epoch")
     g.add_argument("--max_nan_skips", type=int, default=10,
                    help="an update whose loss is NaN/Inf is skipped on every process; more than "
                         "this many skips in a step stop the run with an error")
@@ -542,6 +546,9 @@ def _add_compatibility_options(parser):
     g.add_argument("--pseudo_median_legacy", action="store_true", default=False,
                    help="PLOP/SATS: per-rank 'median' thresholds with the published running-sum "
                         "bug (adds the bin index) instead of the true median over all ranks")
+    g.add_argument("--cosine_legacy", action="store_true", default=False,
+                   help="with --cosine: reproduce PLOP/SATS, which normalise only the classifier "
+                        "weights and never apply the learned scale")
     g.add_argument("--small_sample_test", type=_str2bool, nargs="?", const=True, default=False,
                    help="SATS debug flag (forced off by the original)." + _NO_EFFECT)
     g.add_argument("--entropy_min_mean_pixels", action="store_true", default=False,
@@ -695,6 +702,8 @@ def _check_training_numbers(opts):
         raise ValueError(f"--lr_head must be > 0, got {opts.lr_head}")
     if opts.mem_size < 0:
         raise ValueError(f"--mem_size must be >= 0, got {opts.mem_size}")
+    if opts.stop_after_epochs is not None and opts.stop_after_epochs < 1:
+        raise ValueError(f"--stop_after_epochs must be >= 1, got {opts.stop_after_epochs}")
     if opts.max_nan_skips < 0:
         raise ValueError(f"--max_nan_skips must be >= 0, got {opts.max_nan_skips}")
 
@@ -751,7 +760,7 @@ def modify_command_options(opts, explicit=None):
     ``opts.explicit_options`` as :func:`parse_options` records it, else every option whose value
     differs from the parser default). Sets ``method`` (canonical spelling, ``"FT"`` without one),
     ``num_classes``, ``mem_size`` for "-M" methods, ``local_rank`` from ``LOCAL_RANK``,
-    ``no_overlap``, ``no_cross_val``, ``preset_overrides`` (list of str, one per explicit value
+    ``no_overlap``, ``no_cross_val``, ``saliency`` (= ``unknown``), ``preset_overrides`` (list of str, one per explicit value
     that beat the preset) and ``option_warnings`` (list of str). Raises ``ValueError`` naming the
     offending option.
     """
@@ -775,6 +784,7 @@ def modify_command_options(opts, explicit=None):
     _check_training_numbers(opts)
     _check_method_options(opts)
 
+    opts.saliency = opts.unknown  # the unknown class is learnt from saliency maps
     opts.no_overlap = not opts.overlap
     opts.no_cross_val = not opts.cross_val
     if not opts.visualize:
@@ -806,3 +816,10 @@ def original_repo_flags(method, repo):
     method, _ = canonical_method(method)
     values = ORIGINAL_REPO_VALUES.get(method, {}).get(repo, {})
     return " ".join(f"--{option} {_format_value(value)}" for option, value in values.items())
+
+
+def options_to_dict(opts):
+    """The options as a plain dict of checkpoint-safe values (``utils.checkpoint.options_to_dict``)."""
+    from utils.checkpoint import options_to_dict as to_dict
+
+    return to_dict(opts)

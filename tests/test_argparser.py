@@ -311,3 +311,21 @@ def test_every_preset_option_is_a_parser_option():
     for method, values in METHOD_PRESETS.items():
         assert set(values) <= dests, method
     assert isinstance(argparser.get_argparser(), argparse.ArgumentParser)
+
+
+def test_saliency_follows_the_unknown_class():
+    assert parse("--method", "SSUL").saliency is True
+    assert parse("--method", "MiB").saliency is False
+
+
+def test_stop_after_epochs_must_be_positive():
+    assert parse("--stop_after_epochs", "2").stop_after_epochs == 2
+    assert error_of("--stop_after_epochs", "0") == "--stop_after_epochs must be >= 1, got 0"
+
+
+def test_options_to_dict_is_plain_and_complete():
+    opts = parse("--method", "PLOP", "--task", "15-5s", "--step", "1")
+    values = argparser.options_to_dict(opts)
+    assert values["method"] == "PLOP" and values["pod_options"]["switch"]["after"]["factor"] == 0.0005
+    assert values["explicit_options"] == ["method", "step", "task"]
+    assert set(values) == set(vars(opts))
