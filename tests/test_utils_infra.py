@@ -296,9 +296,13 @@ def test_logger_other_ranks_only_report_errors(tmp_path, capsys):
     assert not logdir.exists()
 
 
-def test_logger_rejects_unknown_backend(tmp_path):
+def test_logger_rejects_unknown_backend_and_non_figures(tmp_path):
     with pytest.raises(ValueError, match="tensorboardX"):
         Logger(str(tmp_path), rank=0, type="wandb")
+    logger = Logger(str(tmp_path), rank=1)
+    with pytest.raises(TypeError, match="confusion_matrix_figure"):
+        logger.add_figure("Test_Confusion_Matrix", np.eye(3))
+    logger.close()
 
 
 def test_confusion_matrix_figure_row_normalises():

@@ -104,7 +104,11 @@ class Logger:
             self.writer.add_image(self._tag(tag), image, step, dataformats=dataformats)
 
     def add_figure(self, tag, figure, step=None):
-        """Logs and closes a matplotlib figure."""
+        """Logs and closes a matplotlib figure (e.g. ``confusion_matrix_figure(cm)``)."""
+        if not hasattr(figure, "savefig"):
+            raise TypeError(
+                f"add_figure({tag!r}) needs a matplotlib Figure, got {type(figure).__name__}; "
+                "draw a confusion matrix with utils.logger.confusion_matrix_figure")
         if self.writer is not None:
             self.writer.add_figure(self._tag(tag), figure, step)
 
