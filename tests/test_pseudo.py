@@ -280,6 +280,11 @@ def test_weights_fingerprint_tracks_weights():
     with torch.no_grad():
         model.conv.bias[0] += 1e-3
     assert weights_fingerprint(model) != before
+    # BatchNorm's 0-dim num_batches_tracked and bf16 weights are hashed too
+    normed = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).to(torch.bfloat16)
+    first = weights_fingerprint(normed)
+    normed[1].num_batches_tracked += 1
+    assert weights_fingerprint(normed) != first
 
 
 def test_cache_round_trip_and_compute_once(tmp_path):

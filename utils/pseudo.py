@@ -493,7 +493,8 @@ def weights_fingerprint(model_or_state_dict: torch.nn.Module | Mapping[str, torc
         key = name[len("module."):] if name.startswith("module.") else name
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # bytes through a uint8 view: works for bf16 (no numpy dtype) and 0-dim buffers alike
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
