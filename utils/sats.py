@@ -4,7 +4,7 @@ Semantic Segmentation", Pattern Recognition 138, 2023).
 For every encoder stage s the new model's and the frozen old model's softmax attention maps
 A_s of shape (B, heads, L_s, S_s) are compared (L_s = h_s * w_s query tokens in row-major order,
 S_s keys after spatial reduction). The training labels (after pseudo-labelling: 0 background,
-255 ignore) are downscaled to the stage grid with PIL-style nearest sampling, and for every image
+255 ignore) are downscaled to the stage grid exactly as PIL NEAREST does (``downscale_labels``), and for every image
 j and every class c present at that stage (c not in {0, 255}) the attention rows of the class's
 tokens are averaged ("class-specific region pooling"):
 
@@ -35,7 +35,9 @@ Layout: the published code views (B, heads, L, S) directly as (B, h, w, heads, S
 the head axis, so for heads > 1 the row stored at slot (position p, head k) is the row of head
 f // L and token f % L with f = p * heads + k (heads and positions mixed; each row is still a real
 attention distribution, scrambled identically for both models). ``legacy_layout=True``
-reproduces that; the default pairs each token with its own heads, as the paper intends.
+reproduces that; the default pairs each token with its own heads, as the paper intends. GP is
+affected by the layout, NP is not (it averages over every (head, token) row), and feature maps
+have no head axis (the switch has no effect on them).
 
 Numerics: computed in float32 (float64 inputs stay float64) with autocast disabled. The L2 norm
 is ``torch.linalg.vector_norm``, whose backward is x / ||x|| with the zero-norm case masked to a
