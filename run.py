@@ -1,0 +1,398 @@
+"""Command-line entry: train and test the steps of a continual segmentation task.
+
+    python run.py --data_root DIR --task 15-5 --step 0 1 --method MiB ...
+    torchrun --nproc_per_node=N run.py ...          (or python -m torch.distributed.launch)
+
+For each requested step: seed, build the data, the model and (step > 0) the frozen model of the
+previous step, train, save the step's checkpoint atomically, reload it, test on every class seen so
+far, append the results row and print the base / new / all mIoU table.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+import argparser
+import dataset as datasets
+import tasks
+from metrics import StreamSegMetrics, summarize_step
+from segmentation_module import make_model
+from train import Trainer, amp_settings
+from utils import distributed as dist_utils
+from utils.checkpoint import checkpoint_path, load_checkpoint, options_to_dict, save_atomic, strip_prefix
+from utils.logger import Logger, confusion_matrix_figure
+from utils.results import append_results_row, write_run_info
+from utils.scheduler import get_scheduler
+
+
+# --------------------------------------------------------------------------------------------
+# seeding
+# --------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def epoch_seed(opts, step: int, epoch: int) -> int:
+    """Each epoch starts from a seed of its own, so a resumed run replays the same batches."""
+    return opts.random_seed + 1_000_003 * step + 7919 * (epoch + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+class ShardSampler(Sampler):
+    """Rank r evaluates images r, r+W, r+2W, ...: no padding, so no image is counted twice."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def build_loaders(opts, step, rank, world):
+    step_opts = deepcopy(opts)
+    step_opts.step = step
+    train_dst, val_dst, test_dst, n_classes = datasets.get_dataset(step_opts)
+    random.seed(opts.random_seed)  # as the originals: dataset building must not shift the RNG
+    if len(train_dst) < opts.batch_size * world and not opts.test:
+        raise ValueError(
+            f"step {step} has {len(train_dst)} training images, fewer than one global batch "
+            f"({opts.batch_size} x {world} processes); lower --batch_size")
+    train_loader = DataLoader(
+        train_dst, batch_size=opts.batch_size,
+        sampler=DistributedSampler(train_dst, num_replicas=world, rank=rank, seed=opts.random_seed),
+        num_workers=opts.num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
+        persistent_workers=False)
+    eval_batch = opts.batch_size if opts.crop_val else 1
+    val_loader = DataLoader(val_dst, batch_size=eval_batch,
+                            sampler=ShardSampler(len(val_dst), rank, world), num_workers=opts.num_workers)
+    test_loader = DataLoader(test_dst, batch_size=eval_batch,
+                             sampler=ShardSampler(len(test_dst), rank, world), num_workers=opts.num_workers)
+    return train_loader, val_loader, test_loader, train_dst, val_dst, test_dst, n_classes
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+def previous_checkpoint_path(opts, step: int) -> str:
+    return opts.step_ckpt if opts.step_ckpt else checkpoint_path(opts, step - 1)
+
+
+def load_previous_step(opts, step, model, model_old, logger):
+    """Load step-1 weights into the new model (all but the newest classifier) and the old model."""
+    path = previous_checkpoint_path(opts, step)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"step {step} needs the checkpoint of step {step - 1}, expected at {path}. Train step "
+            f"{step - 1} first (same --name, --task, --dataset, --checkpoint), or pass its file with "
+            f"--step_ckpt PATH.")
+    ckpt = load_checkpoint(path)
+    state = strip_prefix(ckpt["model_state"] if "model_state" in ckpt else ckpt)
+    _check_checkpoint_matches(ckpt, opts, expected_classes=model_old.classes, path=path)
+    model_old.load_state_dict(state, strict=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    newest = f"cls.{len(model.cls) - 1}."
+    wrong = [k for k in missing if not k.startswith(newest)] + list(unexpected)
+    if wrong:
+        raise RuntimeError(f"checkpoint {path} does not fit the step-{step} model: {wrong[:8]}")
+    logger.info(f"Loaded step {step - 1} weights from {path}")
+    return ckpt
+
+
+def _check_checkpoint_matches(ckpt, opts, expected_classes, path):
+    saved = ckpt.get("classes")
+    if saved is not None and list(saved) != list(expected_classes):
+        raise ValueError(
+            f"checkpoint {path} was trained with classes {list(saved)} per step, but task "
+            f"{opts.task} on {opts.dataset} expects {list(expected_classes)} here (another task or "
+            f"dataset?)")
+
+
+def freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def init_new_classifier(model, recipe_init, logger):
+    if recipe_init == "balanced":
+        model.init_new_classifier()
+        logger.info("New classifier initialised from the background (MiB balanced init)")
+    elif recipe_init == "unknown":
+        model.init_unknown_classifier()
+        logger.info("New classifier initialised from the unknown class (SSUL)")
+
+
+def param_groups(model, opts, step):
+    """SGD groups: body (skipped with --freeze), head and classifiers (x --lr_head, old ones x --lr_old)."""
+    if opts.ssul and step > 0:
+        from utils.ssul import ssul_trainable_parameters
+        return ssul_trainable_parameters(model, opts.lr)
+    groups = []
+
+    def add(params, lr_scale):
+        params = [p for p in params if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": opts.lr * lr_scale, "weight_decay": opts.weight_decay})
+
+    if not opts.freeze:
+        add(model.body.parameters(), 1.0)
+    add(model.head.parameters(), opts.lr_head)
+    if opts.lr_old is not None and step > 0:
+        add([p for c in model.cls[:-1] for p in c.parameters()], opts.lr_head * opts.lr_old)
+        add(model.cls[-1].parameters(), opts.lr_head)
+    else:
+        add(model.cls.parameters(), opts.lr_head)
+    if getattr(model, "scalar", None) is not None:
+        add([model.scalar], opts.lr_head)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------
+# one step
+# --------------------------------------------------------------------------------------------
+def run_step(opts, step, lr, device, rank, world):
+    opts = deepcopy(opts)
+    opts.step, opts.lr = step, lr
+    task_name = f"{opts.task}-{opts.dataset}"
+    logdir = os.path.join(opts.logdir, task_name, opts.name)
+    logger = Logger(logdir, rank=rank, debug=opts.debug, summary=opts.visualize, step=step)
+    for message in getattr(opts, "preset_overrides", []):
+        logger.info(message)
+    seed_everything(opts.random_seed)
+
+    train_loader, val_loader, test_loader, train_dst, val_dst, test_dst, n_classes = \
+        build_loaders(opts, step, rank, world)
+    logger.info(f"step {step}: {len(train_dst)} train / {len(val_dst)} val / {len(test_dst)} test "
+                f"images; global batch {opts.batch_size * world} ({world} x {opts.batch_size})")
+
+    classes = tasks.get_per_task_classes(opts.dataset, opts.task, step)
+    model = make_model(opts, classes).to(device)
+    model_old = None
+    trainer_state = None
+    if step > 0:
+        model_old = make_model(opts, tasks.get_per_task_classes(opts.dataset, opts.task, step - 1))
+        model_old.to(device)
+        if not opts.test or opts.ckpt is None:
+            prev = load_previous_step(opts, step, model, model_old, logger)
+            trainer_state = prev.get("trainer_state")
+        freeze(model_old)
+
+    trainer = None
+    ckpt_file = checkpoint_path(opts, step)
+    if not opts.test:
+        trainer, ckpt_file = train_step(opts, step, model, model_old, trainer_state, classes, device,
+                                        rank, world, logger, train_loader, val_loader, train_dst, n_classes)
+
+    # Test the saved file itself: what is carried to the next step is exactly what is scored.
+    test_file = opts.ckpt if opts.test and opts.ckpt else ckpt_file
+    if not os.path.isfile(test_file):
+        raise FileNotFoundError(f"--test needs a checkpoint: {test_file} does not exist (pass --ckpt PATH)")
+    ckpt = load_checkpoint(test_file)
+    _check_checkpoint_matches(ckpt, opts, classes, test_file)
+    model.load_state_dict(strip_prefix(ckpt["model_state"] if "model_state" in ckpt else ckpt), strict=True)
+    model.to(device)
+    tester = Trainer(model, None, device, opts, classes=classes, step=step, logger=logger)
+    metrics = StreamSegMetrics(n_classes)
+    _, score = tester.validate(test_loader, metrics, end_task=True)
+    report_test(opts, step, score, n_classes, logger, world)
+    logger.close()
+    return score
+
+
+def train_step(opts, step, model, model_old, trainer_state, classes, device, rank, world, logger,
+               train_loader, val_loader, train_dst, n_classes):
+    from train import build_recipe
+
+    recipe = build_recipe(opts, step)
+    if step > 0:
+        init_new_classifier(model, recipe.init, logger)
+    if opts.fix_bn:
+        model.fix_bn()
+
+    optimizer = torch.optim.SGD(param_groups(model, opts, step), lr=opts.lr, momentum=opts.momentum,
+                                nesterov=True, weight_decay=opts.weight_decay)
+    scheduler = get_scheduler(opts, optimizer, max_iters=opts.epochs * len(train_loader))
+    _, use_scaler = amp_settings(opts.opt_level, device)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=opts.ssul)
+    trainer = Trainer(model, model_old, device, opts, trainer_state=trainer_state, classes=classes,
+                      step=step, logger=logger, scaler=scaler,
+                      threshold_cache_dir=os.path.join(opts.checkpoint, "thresholds"))
+
+    begin_epoch, best_score = 0, 0.0
+    if opts.ckpt is not None:
+        begin_epoch, best_score = resume(opts, opts.ckpt, model, optimizer, scheduler, scaler, trainer,
+                                         classes, logger)
+
+    exemplar_loader = build_memory_loader(opts, step, model_old, train_dst, device, rank, world, logger)
+    trainer.before(train_loader, logger)
+    ckpt_file = checkpoint_path(opts, step)
+    unwrapped = getattr(model, "module", model)
+    for epoch in range(begin_epoch, opts.epochs):
+        seed_everything(epoch_seed(opts, step, epoch))
+        t0 = time.time()
+        losses = trainer.train(epoch, optimizer, train_loader, scheduler, logger, exemplar_loader)
+        if opts.fix_bn:
+            unwrapped.fix_bn()
+        logger.info(f"epoch {epoch + 1}/{opts.epochs}: " +
+                    ", ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" ({time.time() - t0:.1f}s)")
+        for k, v in losses.items():
+            logger.add_scalar(f"Epoch/{k}", v, epoch)
+        last = epoch + 1 == opts.epochs
+        if (epoch + 1) % opts.val_interval == 0 or last:
+            metrics = StreamSegMetrics(n_classes)
+            val_losses, score = trainer.validate(val_loader, metrics, logger)
+            best_score = max(best_score, score["Mean IoU"])
+            logger.info(f"validation: mIoU {score['Mean IoU']:.4f}, overall acc {score['Overall Acc']:.4f}")
+            logger.add_scalar("Val/MeanIoU", score["Mean IoU"], epoch)
+            logger.add_scalar("Val/Overall_Acc", score["Overall Acc"], epoch)
+            for k, v in val_losses.items():
+                logger.add_scalar(f"Val/{k}", v, epoch)
+            save_checkpoint(ckpt_file, opts, step, epoch, unwrapped, optimizer, scheduler, scaler, trainer,
+                            best_score, classes, rank)
+        if opts.stop_after_epochs and epoch + 1 - begin_epoch >= opts.stop_after_epochs and not last:
+            dist_utils.barrier()
+            logger.info(f"--stop_after_epochs {opts.stop_after_epochs}: stopping; resume with --ckpt {ckpt_file}")
+            sys.exit(0)
+    if begin_epoch >= opts.epochs and not os.path.isfile(ckpt_file) and rank == 0:
+        save_checkpoint(ckpt_file, opts, step, opts.epochs - 1, unwrapped, optimizer, scheduler, scaler,
+                        trainer, best_score, classes, rank)
+    dist_utils.barrier()  # the other ranks read the file rank 0 just wrote
+    return trainer, ckpt_file
+
+
+def save_checkpoint(path, opts, step, epoch, model, optimizer, scheduler, scaler, trainer, best_score,
+                    classes, rank):
+    if rank != 0:
+        return
+    state = {
+        "epoch": epoch,
+        "model_state": model.state_dict(),
+        "optimizer_state": optimizer.state_dict(),
+        "scheduler_state": scheduler.state_dict(),
+        "scaler_state": scaler.state_dict() if scaler is not None else None,
+        "best_score": float(best_score),
+        "trainer_state": trainer.state_dict(),
+        "classes": list(classes),
+        "step": step,
+        "task": opts.task,
+        "dataset": opts.dataset,
+        "opts": options_to_dict(opts),
+    }
+    save_atomic(state, path)
+
+
+def resume(opts, path, model, optimizer, scheduler, scaler, trainer, classes, logger):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--ckpt {path} does not exist")
+    ckpt = load_checkpoint(path)
+    _check_checkpoint_matches(ckpt, opts, classes, path)
+    getattr(model, "module", model).load_state_dict(strip_prefix(ckpt["model_state"]), strict=True)
+    if "optimizer_state" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+    if "scheduler_state" in ckpt:
+        scheduler.load_state_dict(ckpt["scheduler_state"])
+    if scaler is not None and ckpt.get("scaler_state"):
+        scaler.load_state_dict(ckpt["scaler_state"])
+    if ckpt.get("trainer_state"):
+        trainer.load_state_dict(ckpt["trainer_state"])
+    begin = int(ckpt.get("epoch", -1)) + 1
+    logger.info(f"Resuming from {path} at epoch {begin + 1}")
+    return begin, float(ckpt.get("best_score", 0.0))
+
+
+def build_memory_loader(opts, step, model_old, train_dst, device, rank, world, logger):
+    """The class-balanced exemplar memory (SSUL-M; any method with --mem_size)."""
+    if not opts.mem_size or step == 0:
+        return None
+    from dataset.memory import build_step_memory
+
+    memory_dst = build_step_memory(opts, step, model_old, device, logger)
+    return DataLoader(memory_dst, batch_size=opts.batch_size,
+                      sampler=DistributedSampler(memory_dst, num_replicas=world, rank=rank,
+                                                 seed=opts.random_seed),
+                      num_workers=opts.num_workers, drop_last=True)
+
+
+# --------------------------------------------------------------------------------------------
+# reporting
+# --------------------------------------------------------------------------------------------
+def report_test(opts, step, score, n_classes, logger, world):
+    n_base = tasks.get_per_task_classes(opts.dataset, opts.task, 0)[0]
+    summary = summarize_step(score["Class IoU"], n_base, n_classes)
+    logger.info(StreamSegMetrics.to_str(score) if hasattr(StreamSegMetrics, "to_str") else str(score))
+    logger.add_scalar("Test/MeanIoU", score["Mean IoU"], step)
+    logger.add_scalar("Test/Overall_Acc", score["Overall Acc"], step)
+    logger.add_figure("Test/Confusion_Matrix", confusion_matrix_figure(score["Confusion Matrix"]), step)
+    if not dist_utils.is_main_process():
+        return
+    csv_path = os.path.join("results", f"{opts.date}_{opts.dataset}_{opts.task}_{opts.name}.csv")
+    append_results_row(csv_path, step, score["Class IoU"], opts.num_classes, n_classes, score["Mean IoU"])
+    write_run_info(csv_path[:-4] + ".json", {
+        "options": options_to_dict(opts), "seed": opts.random_seed, "world_size": world,
+        "batch_size_per_process": opts.batch_size, "global_batch_size": opts.batch_size * world,
+    }, step=step)
+    print_summary(opts, step, summary, n_base, n_classes)
+    print(f"Results appended to {csv_path}; TensorBoard logs in "
+          f"{os.path.join(opts.logdir, f'{opts.task}-{opts.dataset}', opts.name)}")
+
+
+def print_summary(opts, step, summary, n_base, n_seen):
+    head_new = f"{n_base}-{n_seen - 1}" if n_seen > n_base else "new"
+    rows = [("step", f"0-{n_base - 1}", head_new, "all"),
+            (str(step),) + tuple("-" if np.isnan(summary[k]) else f"{100 * summary[k]:.2f}"
+                                 for k in ("base", "new", "all"))]
+    width = [max(len(r[i]) for r in rows) for i in range(4)]
+    print(f"\n{opts.method or 'FT'} on {opts.dataset} {opts.task}, test mIoU (%)")
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, width)))
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+def main(argv=None):
+    opts = argparser.parse_options(argv)
+    device, rank, world = dist_utils.init_distributed(opts)
+    opts.world_size = world
+    if opts.batch_size < 1:
+        raise ValueError("--batch_size must be at least 1 (it is per process)")
+    steps = list(opts.step)
+    lrs = list(opts.lr) * len(steps) if len(opts.lr) == 1 else list(opts.lr)
+    Path(opts.checkpoint).mkdir(parents=True, exist_ok=True)
+    scores = []
+    try:
+        for i, (step, lr) in enumerate(zip(steps, lrs)):
+            step_opts = deepcopy(opts)
+            if i > 0:
+                step_opts.step_ckpt = None  # later steps chain on the checkpoints just written
+                step_opts.ckpt = None
+            scores.append(run_step(step_opts, step, lr, device, rank, world))
+    finally:
+        dist_utils.cleanup()
+    return scores
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""Speed and memory of each method's training step, in a step-1 setting.
+
+    python scripts/benchmark.py --model segformer_b0 --crop_size 256 --batch_size 4
+    python scripts/benchmark.py --model segformer_b2 --crop_size 512 --opt_level O1   (GPU)
+
+For every method an old model (step 0) and a new model (step 1, VOC 15-5 classes) are built, the
+trainer is fed synthetic batches (no disk I/O), ``--warmup`` steps are run, then ``--steps`` steps are
+timed. Each method runs in a fresh subprocess so that peak memory is its own. Reported per method:
+median and spread (inter-quartile range) of the step time, the ratio to FT's median, images/s, peak
+memory (CUDA max allocated; on CPU the peak RSS increase over the process's state before training)
+and the share of the step spent in each loss term (forward + backward of the term on detached
+inputs, measured separately after the timed steps). Also the evaluation throughput (FT model).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_METHODS = ["FT", "LWF", "ILT", "EWC", "MiB", "PLOP", "SSUL", "SATS"]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="segformer_b0")
+    p.add_argument("--crop_size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per method")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--opt_level", default="O0")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--task", default="15-5")
+    p.add_argument("--json", default=None, help="write the results as JSON to this path")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--eval_only", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# worker: one method in this process
+# ---------------------------------------------------------------------------------------------
+def method_options(args, method):
+    import argparser
+
+    argv = ["--method", method, "--model", args.model, "--no_pretrained", "--dataset", "voc",
+            "--task", args.task, "--step", "1", "--crop_size", str(args.crop_size),
+            "--batch_size", str(args.batch_size), "--opt_level", args.opt_level, "--no_progress"]
+    return argparser.parse_options(argv)
+
+
+def synthetic_batches(n, opts, n_seen, device, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        images = torch.randn(opts.batch_size, 3, opts.crop_size, opts.crop_size, generator=g)
+        # blocky labels: several classes per image, like real masks (region pooling cost depends on it)
+        cells = torch.randint(0, n_seen, (opts.batch_size, 8, 8), generator=g)
+        labels = torch.nn.functional.interpolate(cells[:, None].float(), size=(opts.crop_size,) * 2,
+                                                 mode="nearest")[:, 0].long()
+        saliency = (labels > 0).long()
+        batches.append((images.to(device), labels.to(device), saliency.to(device)))
+    return batches
+
+
+def build_step1(args, method, device):
+    import torch
+
+    import tasks
+    from segmentation_module import make_model
+    from train import Trainer
+
+    opts = method_options(args, method)
+    opts.world_size = 1
+    classes = tasks.get_per_task_classes("voc", args.task, 1)
+    old = make_model(opts, tasks.get_per_task_classes("voc", args.task, 0)).to(device)
+    model = make_model(opts, classes).to(device)
+    model.load_state_dict(old.state_dict(), strict=False)
+    old.eval()
+    for p in old.parameters():
+        p.requires_grad_(False)
+    trainer_state = None
+    if opts.regularizer:
+        trainer_state = {"regularizer": _step0_regularizer_state(opts, old, device)}
+    trainer = Trainer(model, old, device, opts, trainer_state=trainer_state, classes=classes, step=1)
+    if trainer.recipe.init == "balanced":
+        model.init_new_classifier()
+    elif trainer.recipe.init == "unknown":
+        model.init_unknown_classifier()
+    from run import param_groups
+
+    optim = torch.optim.SGD(param_groups(model, opts, 1), lr=1e-3, momentum=0.9, nesterov=True)
+    return opts, model, old, trainer, optim
+
+
+def _step0_regularizer_state(opts, old, device):
+    """A realistic importance state, as step 0 would have saved it (one update on random grads)."""
+    import torch
+
+    from utils.regularizer import get_regularizer
+
+    for p in old.parameters():
+        p.requires_grad_(True)
+        p.grad = torch.randn_like(p) * 1e-3
+    reg = get_regularizer(old, None, device, opts, None)
+    reg.update()
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(torch.randn_like(p) * 1e-4)
+    reg.update()
+    state = reg.state_dict()
+    for p in old.parameters():
+        p.grad = None
+        p.requires_grad_(False)
+    return state
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_terms(trainer, ctx, repeats=3):
+    """Forward + backward time of each loss term on detached copies of its inputs."""
+    import torch
+
+    def detach(x):
+        if torch.is_tensor(x):
+            return x.detach().clone().requires_grad_(x.is_floating_point())
+        if isinstance(x, (list, tuple)):
+            return type(x)(detach(v) for v in x)
+        if isinstance(x, dict):
+            return {k: detach(v) for k, v in x.items()}
+        return x
+
+    shares = {}
+    for term in trainer.recipe.terms:
+        times = []
+        for _ in range(repeats):
+            c = type(ctx)(ctx.images, ctx.labels, detach(ctx.logits), detach(ctx.extras),
+                          None if ctx.old_logits is None else ctx.old_logits.detach(),
+                          {k: (v.detach() if torch.is_tensor(v) else [t.detach() for t in v] if isinstance(v, list) else v)
+                           for k, v in ctx.old_extras.items()},
+                          ctx.nb_old, ctx.nb_current, ctx.opts)
+            _sync(trainer.device)
+            t0 = time.perf_counter()
+            value = term.weight * term.fn(c)
+            if value.requires_grad:
+                value.backward()
+            _sync(trainer.device)
+            times.append(time.perf_counter() - t0)
+        shares[term.name] = statistics.median(times)
+    return shares
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_worker(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = peak_rss_mb()
+    opts, model, old, trainer, optim = build_step1(args, args.worker, device)
+    n_seen = trainer.nb_current
+    batches = synthetic_batches(args.warmup + args.steps, opts, n_seen, device)
+    if trainer.recipe.pseudo is not None and trainer.recipe.pseudo != "ssul":
+        from torch.utils.data import DataLoader, TensorDataset
+
+        images = torch.cat([b[0] for b in batches[:2]]).cpu()
+        labels = torch.cat([b[1] for b in batches[:2]]).cpu()
+        loader = DataLoader(TensorDataset(images, labels), batch_size=opts.batch_size)
+        trainer.before(loader)  # thresholds from the old model (not timed)
+    trainer.keep_context = True
+    model.train()
+    times = []
+    for i, batch in enumerate(batches):
+        _sync(device)
+        t0 = time.perf_counter()
+        trainer.train_iteration(batch, optim)
+        _sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    mem = (torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else peak_rss_mb() - rss0
+    term_times = time_terms(trainer, trainer.last_context)
+    median = statistics.median(times)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [median, median, median]
+    result = {
+        "step_s_median": median,
+        "step_s_spread": q[2] - q[0],
+        "images_per_s": opts.batch_size / median,
+        "peak_mem_mb": mem,
+        "loss_share": {k: v / median for k, v in term_times.items()},
+        "terms": [t.name for t in trainer.recipe.terms],
+        "old_model_used": trainer.recipe.needs_old_model,
+    }
+    if args.eval_only or args.worker == "FT":
+        result["eval_images_per_s"] = eval_throughput(model, batches, device, opts)
+    print("BENCH_JSON " + json.dumps(result))
+
+
+def eval_throughput(model, batches, device, opts):
+    import torch
+
+    model.eval()
+    n, t = 0, 0.0
+    with torch.no_grad():
+        for i, (images, _, _) in enumerate(batches[:6]):
+            _sync(device)
+            t0 = time.perf_counter()
+            model(images)
+            _sync(device)
+            if i >= 1:
+                t += time.perf_counter() - t0
+                n += images.shape[0]
+    return n / t if t > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+def run_method(args, method):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method]
+    for key in ("model", "crop_size", "batch_size", "steps", "warmup", "opt_level", "device", "threads", "task"):
+        cmd += [f"--{key}", str(getattr(args, key))]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line[len("BENCH_JSON "):])
+    raise RuntimeError(f"benchmark of {method} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.worker:
+        return run_worker(args)
+    methods = list(dict.fromkeys(["FT"] + list(args.methods)))  # FT first: it is the reference
+    results = {}
+    for m in methods:
+        print(f"[benchmark] {m} ...", flush=True)
+        results[m] = run_method(args, m)
+    ft = results["FT"]["step_s_median"]
+    for r in results.values():
+        r["ratio_to_ft"] = r["step_s_median"] / ft
+    eval_ips = results["FT"].pop("eval_images_per_s", None)
+    for r in results.values():
+        r.pop("eval_images_per_s", None)
+    report = {
+        "methods": {m: results[m] for m in methods if m in args.methods or m == "FT"},
+        "eval_images_per_s": eval_ips,
+        "settings": {k: getattr(args, k) for k in ("model", "crop_size", "batch_size", "steps", "warmup",
+                                                   "opt_level", "device", "threads", "task")},
+    }
+    print_table(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, args.json)
+    return report
+
+
+def print_table(report):
+    s = report["settings"]
+    print(f"\n{s['model']}, {s['crop_size']} px, batch {s['batch_size']}, {s['device']}, {s['opt_level']}, "
+          f"{s['steps']} timed steps after {s['warmup']} warm-up")
+    header = f"{'method':<8} {'step s':>8} {'IQR s':>7} {'x FT':>6} {'img/s':>7} {'peak MB':>8}  loss terms (share of step)"
+    print(header)
+    print("-" * len(header))
+    for m, r in report["methods"].items():
+        shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["loss_share"].items()) or "-"
+        print(f"{m:<8} {r['step_s_median']:>8.3f} {r['step_s_spread']:>7.3f} {r['ratio_to_ft']:>6.2f} "
+              f"{r['images_per_s']:>7.2f} {r['peak_mem_mb']:>8.0f}  {shares}")
+    if report.get("eval_images_per_s"):
+        print(f"evaluation: {report['eval_images_per_s']:.1f} images/s")
+
+
+if __name__ == "__main__":
+    main()
