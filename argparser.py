@@ -126,6 +126,20 @@ NO_EFFECT_OPTIONS = (
 )
 _NO_EFFECT = " Accepted for compatibility, has no effect."
 
+# PLOP's experimental switches that no preset and no paper table uses. They would change the loss,
+# so a run that sets one stops with an error instead of silently training without it.
+NOT_IMPLEMENTED_OPTIONS = (
+    "init_multimodal", "nca", "kd_new", "kd_mask", "kd_mask_adaptative_factor", "kd_scheduling",
+    "kd_bce_sig", "exkd_gt", "exkd_sum", "temperature", "temperature_semiold", "temperature_apply",
+    "focal_loss", "focal_loss_new", "ce_on_new", "ce_on_pseudo", "entropy_min", "sample_weights_new",
+    "pseudo_soft", "pseudo_ablation", "pod_large_logits",
+)
+# Options that only refine an option above (no effect on their own); dead in the originals too.
+NO_EFFECT_OPTIONS = NO_EFFECT_OPTIONS + (
+    "nca_margin", "kd_bce_sig_shape", "focal_loss_gamma", "pseudo_soft_factor", "ckpt_interval",
+    "print_interval",
+)
+
 _GROUP_TITLES = (
     "Data",
     "Model",
@@ -581,7 +595,18 @@ def get_argparser():
     _add_logging_options(parser)
     _add_performance_options(parser)
     _add_compatibility_options(parser)
+    _mark_unsupported(parser)
     return parser
+
+
+def _mark_unsupported(parser):
+    """State in --help which options are inert or refused (see NO_EFFECT / NOT_IMPLEMENTED)."""
+    for action in parser._actions:
+        help_text = action.help or ""
+        if action.dest in NOT_IMPLEMENTED_OPTIONS:
+            action.help = help_text + " PLOP experimental option, not implemented here: setting it is an error."
+        elif action.dest in NO_EFFECT_OPTIONS and _NO_EFFECT not in help_text:
+            action.help = help_text + _NO_EFFECT
 
 
 def _parser_defaults(parser=None):
@@ -790,7 +815,17 @@ def modify_command_options(opts, explicit=None):
     if not opts.visualize:
         opts.sample_num = 0
     opts.option_warnings = _no_effect_warnings(opts, defaults)
+    _reject_not_implemented(opts, defaults)
     return opts
+
+
+def _reject_not_implemented(opts, defaults):
+    used = [name for name in NOT_IMPLEMENTED_OPTIONS
+            if name in defaults and getattr(opts, name, defaults[name]) != defaults[name]]
+    if used:
+        raise ValueError(
+            f"--{', --'.join(used)}: PLOP experimental option(s) not implemented in this "
+            f"re-implementation (no preset or paper table uses them); remove them from the command line")
 
 
 def parse_options(argv=None):

@@ -329,3 +329,14 @@ def test_options_to_dict_is_plain_and_complete():
     assert values["method"] == "PLOP" and values["pod_options"]["switch"]["after"]["factor"] == 0.0005
     assert values["explicit_options"] == ["method", "step", "task"]
     assert set(values) == set(vars(opts))
+
+
+def test_unimplemented_plop_experiment_is_refused_and_marked_in_help(capsys):
+    import argparser as ap
+
+    with pytest.raises(SystemExit):
+        ap.parse_options(["--focal_loss"])
+    assert "--focal_loss" in capsys.readouterr().err
+    helps = {a.dest: a.help for a in ap.get_argparser()._actions}
+    assert "not implemented here" in helps["nca"]
+    assert "has no effect" in helps["print_interval"]
