@@ -1,0 +1,573 @@
+"""Shared core of the class-incremental segmentation datasets (VOC and ADE differ only in layout).
+
+A *step* of a task sees the classes ``labels`` (current) after ``labels_old`` (earlier steps); both
+lists come from ``tasks.get_task_labels`` and never contain 0 once stripped. This module decides
+
+1. **which images** a step uses (``select_images``, the originals' ``filter_images``), from the set
+   ``C_i`` of class ids present in the mask of image ``i``:
+
+   - overlap:  keep ``i`` iff ``C_i ∩ labels ≠ ∅``;
+   - disjoint: keep ``i`` iff ``C_i ∩ labels ≠ ∅`` and ``C_i ⊆ labels ∪ labels_old ∪ {0, 255}``.
+
+2. **which label** each pixel gets (``label_lut``, PLOP's dataset-level mapping): with
+   ``order = [0] + labels_old + labels`` a kept class ``c`` becomes ``order.index(c)`` (its output
+   channel), 255 stays 255, every other class becomes the masking value (0, or 255 for
+   ``data_masking="new"`` and ``ignore_test_bg``).
+
+The per-image class sets come from one scan of every mask of a split (``scan_class_presence``,
+a process pool with a progress bar). The scan result and the selected indices are cached on disk
+next to the originals' index files (``<path_base>/train-<step>.npy``) together with a JSON sidecar
+holding a fingerprint of the split list; a changed list, task table or overlap flag rebuilds them
+(the originals silently reused stale files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+logger = logging.getLogger(__name__)
+
+VOID = 255
+DATA_MASKING_MODES = ("current", "current+old", "all", "new")
+INVALID = -1  # LUT entry of a value that is not a class id of the dataset
+MAX_SUBSTITUTIONS = 10
+
+# Scans are shared by the datasets built over the same split list in one process (val and test).
+_PRESENCE_MEMO: dict[str, np.ndarray] = {}
+
+
+class UnreadableSampleError(OSError):
+    """An image, mask or saliency file that exists but cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class SampleFiles:
+    """The samples of one split, in index order (index ``i`` of every cache file = ``images[i]``).
+
+    ``source`` names what defined the list (split file or image folder) for error messages.
+    """
+
+    root: str
+    split: str
+    source: str
+    images: tuple
+    masks: tuple
+    saliency: Optional[tuple] = None
+
+    def __len__(self):
+        return len(self.images)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+
+
+def require_files(paths: Sequence[str], what: str, source: str) -> None:
+    """Raise ``FileNotFoundError`` listing the first missing files among ``paths``."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        shown = "\n  ".join(missing[:5])
+        more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise FileNotFoundError(
+            f"{len(missing)} {what} listed by {source} do not exist:\n  {shown}{more}"
+        )
+
+
+def _open_single_channel(path: str) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise UnreadableSampleError(f"cannot decode mask/saliency file {path}: {error}") from error
+    if image.mode not in ("P", "L"):
+        raise ValueError(
+            f"{path}: expected a single-channel PNG (palette 'P' or grayscale 'L' mode holding "
+            f"class ids), got mode {image.mode!r}"
+        )
+    return image
+
+
+def read_mask(path: str) -> np.ndarray:
+    """Class-id array ``(H, W) uint8`` of a palette or grayscale PNG (palette indices, not colours)."""
+    return np.asarray(_open_single_channel(path), dtype=np.uint8)
+
+
+def read_image(path: str) -> Image.Image:
+    """RGB image; a file that cannot be decoded raises ``UnreadableSampleError`` naming it."""
+    try:
+        image = Image.open(path)
+        return image.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise UnreadableSampleError(f"cannot decode image file {path}: {error}") from error
+
+
+def check_class_ids(present: np.ndarray, n_classes: int, path: str) -> None:
+    """Raise if a mask holds a value outside ``[0, n_classes) ∪ {255}``."""
+    bad = np.flatnonzero(present[n_classes:VOID])
+    if bad.size:
+        raise ValueError(
+            f"{path}: mask values {(bad + n_classes).tolist()} are not class ids; expected values "
+            f"in [0, {n_classes - 1}] or {VOID} (void)"
+        )
+
+
+def class_presence(path: str, n_classes: int) -> np.ndarray:
+    """Boolean vector of length 256: entry ``c`` is True iff value ``c`` occurs in the mask.
+
+    Uses PIL's C histogram of the palette indices (faster than ``np.unique`` on the pixels).
+    """
+    histogram = np.asarray(_open_single_channel(path).histogram()[:256])
+    present = histogram > 0
+    check_class_ids(present, n_classes, path)
+    return present
+
+
+def _presence_worker(args):
+    path, n_classes = args
+    return class_presence(path, n_classes)
+
+
+def scan_class_presence(
+    mask_paths: Sequence[str], n_classes: int, workers: int = 2, desc: str = "scanning masks"
+) -> np.ndarray:
+    """Read every mask once; ``(N, 256) bool`` matrix of the values present in each."""
+    from tqdm import tqdm
+
+    presence = np.zeros((len(mask_paths), 256), dtype=bool)
+    jobs = [(p, n_classes) for p in mask_paths]
+    progress = tqdm(total=len(jobs), desc=desc, unit="mask", leave=False, mininterval=1.0)
+    if workers <= 1 or len(jobs) < 64:
+        rows = map(_presence_worker, jobs)
+        for i, row in enumerate(rows):
+            presence[i] = row
+            progress.update()
+    else:
+        # fork keeps worker start-up cheap; the workers only touch PIL and numpy.
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        chunk = max(16, min(256, len(jobs) // (workers * 8)))
+        with context.Pool(workers) as pool:
+            for i, row in enumerate(pool.imap(_presence_worker, jobs, chunksize=chunk)):
+                presence[i] = row
+                progress.update()
+    progress.close()
+    return presence
+
+
+def split_fingerprint(files: SampleFiles) -> str:
+    """SHA-1 over the mask list: root-relative path, size and modification time of each mask.
+
+    Index ``i`` of a cache file is a line number of the split list, so the cache is valid only
+    for the same list of the same files; regenerating or replacing masks changes size/mtime.
+    """
+    digest = hashlib.sha1()
+    for path in files.masks:
+        stat = os.stat(path)
+        rel = os.path.relpath(path, files.root)
+        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic cache files
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: str, write: Callable) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    _atomic_write(path, lambda stream: np.save(stream, array))
+
+
+def _save_json(path: str, content: dict) -> None:
+    _atomic_write(path, lambda stream: stream.write(json.dumps(content, indent=1).encode()))
+
+
+def _load_json(path: str) -> Optional[dict]:
+    try:
+        with open(path) as stream:
+            return json.load(stream)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def sidecar_path(npy_path: str) -> str:
+    """``train-0.npy`` -> ``train-0.json`` (the fingerprint kept beside an index file)."""
+    stem = npy_path[:-4] if npy_path.endswith(".npy") else npy_path
+    return stem + ".json"
+
+
+def load_class_presence(
+    files: SampleFiles, n_classes: int, cache_dir: Optional[str] = None, workers: int = 2
+) -> np.ndarray:
+    """Class presence of every image of ``files``: memo in this process, then disk, then a scan.
+
+    On disk: ``<cache_dir>/classes-<split>.npy`` (bit-packed rows) + ``.json`` fingerprint.
+    """
+    fingerprint = split_fingerprint(files)
+    memo_key = f"{fingerprint}:{n_classes}"
+    if memo_key in _PRESENCE_MEMO:
+        return _PRESENCE_MEMO[memo_key]
+
+    npy = os.path.join(cache_dir, f"classes-{files.split}.npy") if cache_dir else None
+    expected = {"fingerprint": fingerprint, "n_images": len(files), "n_classes": n_classes}
+    presence = None
+    if npy and os.path.isfile(npy) and _load_json(sidecar_path(npy)) == expected:
+        packed = np.load(npy)
+        if packed.shape == (len(files), 32):
+            presence = np.unpackbits(packed, axis=1).astype(bool)
+    if presence is None:
+        presence = scan_class_presence(
+            files.masks, n_classes, workers, desc=f"class scan of {len(files)} masks ({files.source})"
+        )
+        if npy:
+            _save_npy(npy, np.packbits(presence, axis=1))
+            _save_json(sidecar_path(npy), expected)
+    _PRESENCE_MEMO[memo_key] = presence
+    return presence
+
+
+# --------------------------------------------------------------------------------------------
+# Selection and label mapping
+# --------------------------------------------------------------------------------------------
+
+
+def strip_background(labels: Optional[Sequence[int]]) -> list:
+    """A copy without class 0 (the originals removed it in place from the caller's list)."""
+    return [int(c) for c in (labels or []) if int(c) != 0]
+
+
+def check_label_lists(labels: Sequence[int], labels_old: Sequence[int], n_classes: int) -> None:
+    overlap = sorted(set(labels) & set(labels_old))
+    if overlap:
+        raise ValueError(f"labels and labels_old must be disjoint; both contain {overlap}")
+    for name, values in (("labels", labels), ("labels_old", labels_old)):
+        wrong = [c for c in values if not 0 < c < n_classes]
+        if wrong:
+            raise ValueError(f"{name} holds {wrong}, not class ids of a {n_classes}-class dataset")
+        if len(set(values)) != len(values):
+            raise ValueError(f"{name} lists a class twice: {list(values)}")
+
+
+def select_images(
+    presence: np.ndarray, labels: Sequence[int], labels_old: Sequence[int], overlap: bool
+) -> np.ndarray:
+    """Ascending indices of the images a step trains on (module docstring, rule 1).
+
+    ``presence``: ``(N, 256) bool``; ``labels``/``labels_old`` without class 0.
+    """
+    labels = strip_background(labels)
+    current = presence[:, labels].any(axis=1) if labels else np.zeros(len(presence), dtype=bool)
+    if overlap:
+        keep = current
+    else:
+        allowed = np.zeros(256, dtype=bool)
+        allowed[[0, VOID] + labels + strip_background(labels_old)] = True
+        keep = current & ~presence[:, ~allowed].any(axis=1)
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def label_lut(
+    labels: Sequence[int],
+    labels_old: Sequence[int] = (),
+    n_classes: int = 21,
+    data_masking: str = "current",
+    masking: bool = True,
+    ignore_test_bg: bool = False,
+    labels_future: Optional[Sequence[int]] = None,
+) -> np.ndarray:
+    """256-entry lookup table ``raw class id -> training label`` (``INVALID`` for non-class ids).
+
+    ``order = [0] + labels_old + labels``; a kept class ``c`` maps to ``order.index(c)``:
+
+    - ``current``: kept = {0} ∪ labels; old and future classes -> 0;
+    - ``current+old``: kept = {0} ∪ labels_old ∪ labels; future classes -> 0;
+    - ``new``: kept = {0} ∪ labels; old and future classes -> 255 (ignored);
+    - ``all``: nothing masked: ``order`` is extended with ``labels_future`` (default: every other
+      class in id order), so future classes keep labels ``>= len(order)`` — the label space of the
+      whole task; the model then needs all of the task's channels;
+    - ``masking=False``: kept = {0} ∪ labels_old ∪ labels (PLOP's unmasked reorder), future -> 0.
+
+    ``ignore_test_bg`` (PLOP's ADE test option, here for both datasets): 0 and every masked
+    class -> 255, so only seen foreground classes are scored. 255 always stays 255.
+    """
+    if data_masking not in DATA_MASKING_MODES:
+        raise ValueError(f"data_masking={data_masking!r}; choose one of {DATA_MASKING_MODES}")
+    labels, labels_old = strip_background(labels), strip_background(labels_old)
+    check_label_lists(labels, labels_old, n_classes)
+    order = [0] + labels_old + labels
+    if not masking or data_masking == "current+old":
+        kept = set(order)
+    elif data_masking == "all":
+        seen = set(order)
+        future = strip_background(labels_future) if labels_future is not None else [
+            c for c in range(1, n_classes) if c not in seen
+        ]
+        check_label_lists(future, order[1:], n_classes)
+        order = order + future
+        kept = set(order)
+    else:  # current, new
+        kept = {0, *labels}
+    fill = VOID if (masking and data_masking == "new") or ignore_test_bg else 0
+
+    lut = np.full(256, INVALID, dtype=np.int16)
+    lut[:n_classes] = fill
+    for position, c in enumerate(order):
+        if c in kept:
+            lut[c] = position
+    if ignore_test_bg:
+        lut[0] = VOID
+    lut[VOID] = VOID
+    return lut
+
+
+def identity_lut(n_classes: int) -> np.ndarray:
+    """Raw ids kept (dataset built without ``labels``), non-class ids flagged ``INVALID``."""
+    lut = np.full(256, INVALID, dtype=np.int16)
+    lut[:n_classes] = np.arange(n_classes)
+    lut[VOID] = VOID
+    return lut
+
+
+def apply_lut(lut: np.ndarray, mask: np.ndarray, path: str, n_classes: int) -> np.ndarray:
+    """``lut[mask]`` as uint8; a value the LUT flags ``INVALID`` raises naming the file."""
+    mapped = lut[mask]
+    if (mapped == INVALID).any():
+        bad = np.unique(mask[mapped == INVALID]).tolist()
+        raise ValueError(
+            f"{path}: mask values {bad} are not class ids; expected values in "
+            f"[0, {n_classes - 1}] or {VOID} (void)"
+        )
+    return mapped.astype(np.uint8)
+
+
+def test_on_val_split(indices: np.ndarray, train: bool) -> np.ndarray:
+    """``--test_on_val``: shuffle with ``RandomState(1)``; train keeps the first 80 %, else the rest."""
+    shuffled = [int(i) for i in indices]
+    np.random.RandomState(1).shuffle(shuffled)
+    cut = int(0.8 * len(shuffled))
+    return np.asarray(shuffled[:cut] if train else shuffled[cut:], dtype=np.int64)
+
+
+def cached_indices(
+    idxs_path: Optional[str],
+    files: SampleFiles,
+    n_classes: int,
+    selection: dict,
+    select: Callable[[np.ndarray], np.ndarray],
+    workers: int = 2,
+) -> np.ndarray:
+    """Selected indices, from ``idxs_path`` when its sidecar matches, else computed and saved.
+
+    ``selection`` (labels, labels_old, overlap) and the split fingerprint are stored in the
+    sidecar; any difference rebuilds the file. An index file without sidecar (e.g. shipped with
+    the originals, or MiB's hand-made ADE partitions) is used as it is, with a warning.
+    """
+    cache_dir = os.path.dirname(idxs_path) if idxs_path else None
+    if idxs_path and os.path.isfile(idxs_path):
+        meta = _load_json(sidecar_path(idxs_path))
+        if meta is None:
+            indices = np.load(idxs_path).astype(np.int64).reshape(-1)
+            if indices.size and (indices.min() < 0 or indices.max() >= len(files)):
+                raise ValueError(
+                    f"{idxs_path}: indices reach {int(indices.max())} but {files.source} lists "
+                    f"{len(files)} images; delete the file to rebuild it"
+                )
+            logger.warning(
+                "%s has no fingerprint file (%s); using it unchecked. Delete it to rebuild it from "
+                "%s.", idxs_path, os.path.basename(sidecar_path(idxs_path)), files.source,
+            )
+            return indices
+        expected = dict(selection, fingerprint=split_fingerprint(files), n_images=len(files))
+        if meta == expected:
+            return np.load(idxs_path).astype(np.int64).reshape(-1)
+        logger.info("%s is stale (split list or selection changed); rebuilding", idxs_path)
+
+    presence = load_class_presence(files, n_classes, cache_dir, workers)
+    indices = select(presence)
+    if idxs_path:
+        _save_npy(idxs_path, indices)
+        expected = dict(selection, fingerprint=split_fingerprint(files), n_images=len(files))
+        _save_json(sidecar_path(idxs_path), expected)
+    return indices
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------
+
+
+def _to_plain(tensor) -> torch.Tensor:
+    return tensor.as_subclass(torch.Tensor) if isinstance(tensor, torch.Tensor) else torch.as_tensor(tensor)
+
+
+class IncrementalSegmentationDataset(Dataset):
+    """The images of one step with labels mapped to the step's label space.
+
+    Built by ``VOCSegmentationIncremental`` / ``AdeSegmentationIncremental`` from a
+    ``SampleFiles`` list. With ``labels=None`` every image is used and raw class ids are kept.
+
+    A sample is ``(image, label)`` or, with saliency files, ``(image, label, saliency)``:
+    image ``FloatTensor (3, H, W)`` as the transform makes it (uint8 without transform), label
+    ``LongTensor (H, W)``, saliency ``LongTensor (H, W)`` in {0, 1} (1 where the saliency map
+    is > 0, as SSUL thresholds it). The LUT is applied before the spatial transforms: they only
+    pick, move or pad pixels (pad value 255, which the LUT keeps), so the order does not matter.
+
+    An image that cannot be decoded is replaced by the next index (deterministically), counted in
+    ``skipped`` (per process: DataLoader workers keep their own count) and logged.
+    """
+
+    def __init__(
+        self,
+        files: SampleFiles,
+        n_classes: int,
+        train: bool = True,
+        transform=None,
+        labels=None,
+        labels_old=None,
+        idxs_path: Optional[str] = None,
+        masking: bool = True,
+        overlap: bool = True,
+        data_masking: str = "current",
+        test_on_val: bool = False,
+        ignore_test_bg: bool = False,
+        labels_future=None,
+        scan_workers: int = 2,
+    ):
+        self.files = files
+        self.n_classes = n_classes
+        self.train = train
+        self.transform = transform
+        self.skipped = 0
+        self.skipped_files: list = []
+        self.labels = strip_background(labels)
+        self.labels_old = strip_background(labels_old)
+        self.scan_workers = scan_workers
+
+        if labels is None:
+            self.order = list(range(n_classes))
+            self.lut = identity_lut(n_classes)
+            indices = np.arange(len(files), dtype=np.int64)
+        else:
+            self.lut = label_lut(
+                self.labels, self.labels_old, n_classes, data_masking, masking, ignore_test_bg,
+                labels_future,
+            )
+            self.order = [0] + self.labels_old + self.labels
+            selection = {
+                "labels": self.labels, "labels_old": self.labels_old, "overlap": bool(overlap),
+            }
+            indices = cached_indices(
+                idxs_path, files, n_classes, selection,
+                lambda presence: select_images(presence, self.labels, self.labels_old, overlap),
+                scan_workers,
+            )
+        if test_on_val:
+            indices = test_on_val_split(indices, train)
+        self.indices = indices
+
+    # ---- file access -------------------------------------------------------------------
+
+    def __len__(self):
+        return len(self.indices)
+
+    def image_path(self, index: int) -> str:
+        return self.files.images[self.indices[index]]
+
+    def mask_path(self, index: int) -> str:
+        return self.files.masks[self.indices[index]]
+
+    def class_presence(self) -> np.ndarray:
+        """``(len(self), 256) bool``: raw class ids present in each selected image's mask."""
+        cache_dir = None
+        presence = load_class_presence(self.files, self.n_classes, cache_dir, self.scan_workers)
+        return presence[self.indices]
+
+    def load_raw(self, index: int):
+        """Untransformed ``(image uint8 (3,H,W), mapped label uint8 (H,W)[, saliency])`` tensors."""
+        file_index = int(self.indices[index])
+        image_file, mask_file = self.files.images[file_index], self.files.masks[file_index]
+        image = read_image(image_file)
+        label = apply_lut(self.lut, read_mask(mask_file), mask_file, self.n_classes)
+        if label.shape != (image.height, image.width):
+            raise ValueError(
+                f"{mask_file} is {label.shape[1]}x{label.shape[0]} but its image {image_file} is "
+                f"{image.width}x{image.height}; a mask must have the image's size"
+            )
+        sample = [
+            tv_tensors.Image(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)),
+            tv_tensors.Mask(torch.from_numpy(label)),
+        ]
+        if self.files.saliency is not None:
+            sample.append(tv_tensors.Mask(self._read_saliency(file_index, label.shape)))
+        return tuple(sample)
+
+    def _read_saliency(self, file_index: int, shape) -> torch.Tensor:
+        path = self.files.saliency[file_index]
+        if path is None:  # dataset without saliency maps (SSUL's ADE): every pixel salient
+            return torch.ones(shape, dtype=torch.uint8)
+        saliency = read_mask(path)
+        if saliency.shape != shape:
+            raise ValueError(f"{path} is {saliency.shape[::-1]} but its mask is {shape[::-1]}")
+        return torch.from_numpy((saliency > 0).astype(np.uint8))
+
+    def _transformed(self, index: int):
+        sample = self.load_raw(index)
+        if self.transform is not None:
+            sample = self.transform(*sample)
+        image = _to_plain(sample[0])
+        return (image,) + tuple(_to_plain(t).long() for t in sample[1:])
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            if -len(self) <= index < 0:
+                index += len(self)
+            else:
+                raise IndexError(f"index {index} out of range for {len(self)} samples")
+        failures = []
+        for attempt in range(min(MAX_SUBSTITUTIONS, len(self))):
+            candidate = (index + attempt) % len(self)
+            try:
+                return self._transformed(candidate)
+            except UnreadableSampleError as error:
+                self.skipped += 1
+                self.skipped_files.append(self.image_path(candidate))
+                failures.append(str(error))
+                logger.warning(
+                    "skipping sample %d (%s); using sample %d instead. %d skipped so far.",
+                    candidate, error, (candidate + 1) % len(self), self.skipped,
+                )
+        raise RuntimeError(
+            f"{len(failures)} consecutive samples from index {index} cannot be read:\n  "
+            + "\n  ".join(failures)
+        )
