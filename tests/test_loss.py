@@ -1,4 +1,4 @@
-"""Tests of utils/loss.py: hand-computed cases and loop-based restatements of the originals' formulas."""
+"""utils/loss.py: hand-computed cases and loop-based restatements of the originals' formulas."""
 import math
 
 import pytest

@@ -70,7 +70,7 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def _mean_over_valid(loss: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean of ``loss`` over ``valid`` positions; 0 (still attached to the graph) when none is valid.
+    """Mean of ``loss`` over ``valid`` positions; 0 (kept in the graph) when none is valid.
 
     The originals take the mean of an empty selection there, i.e. NaN, which would poison the
     weights of a batch whose pixels are all ignored.
@@ -244,7 +244,7 @@ class BCEWithLogitsLossWithIgnoreIndex(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 class KnowledgeDistillationLoss(nn.Module):
-    """LwF / ILT knowledge distillation on the old channels (MiB/PLOP ``KnowledgeDistillationLoss``).
+    """LwF / ILT knowledge distillation on the old channels (MiB/PLOP, same name).
 
     ``inputs`` = new logits ``z`` (``C`` channels), ``targets`` = old logits ``z_old`` (``C_o``).
     Per pixel::
@@ -514,9 +514,10 @@ def resolve_pod_options(
                 carried["factor"] = mask_factor
 
         options = PodMapOptions(
-            collapse=carried["collapse"], factor=float(factor), normalize=bool(carried["normalize"]),
-            prepro=carried["prepro"], spp_scales=carried["spp_scales"],
-            use_schedule=bool(carried["use_schedule"]), use_adaptive_factor=bool(use_adaptive_factor),
+            collapse=carried["collapse"], factor=float(factor),
+            normalize=bool(carried["normalize"]), prepro=carried["prepro"],
+            spp_scales=carried["spp_scales"], use_schedule=bool(carried["use_schedule"]),
+            use_adaptive_factor=bool(use_adaptive_factor),
             extra_channels=extra_channels, normalize_per_scale=normalize_per_scale,
             difference=difference, masked=masked, apply_mask=carried["apply_mask"],
             upscale_mask_topk=int(carried["upscale_mask_topk"]))
@@ -545,14 +546,14 @@ def _check_map_options(options: PodMapOptions, index: int, mask_position: str) -
 
 
 def spatial_pod(x: torch.Tensor) -> torch.Tensor:
-    """POD "spatial": per sample, ``[sum over width (C*H values), sum over height (C*W values)]``."""
+    """POD "spatial": per sample, the sums over width (``C*H``) then over height (``C*W``)."""
     batch = x.shape[0]
     return torch.cat([x.sum(dim=3).reshape(batch, -1), x.sum(dim=2).reshape(batch, -1)], dim=-1)
 
 
 def global_pod(x: torch.Tensor, spp_scales: Sequence[int] = (2, 4, 8)) -> torch.Tensor:
-    """POD "global" (PLOP ``_global_pod``): for each scale ``s``, average-pool with kernel and stride
-    ``W // s``, then concatenate the sums over height and over width of the pooled map."""
+    """POD "global" (PLOP ``_global_pod``): for each scale ``s``, average-pool with kernel and
+    stride ``W // s``, then concatenate the sums over height and over width of the pooled map."""
     batch, width = x.shape[0], x.shape[-1]
     embeddings = []
     for scale in spp_scales:
