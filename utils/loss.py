@@ -786,3 +786,7 @@ def _topk_upscaled(x: torch.Tensor, k: int, size) -> torch.Tensor:
         raise ValueError(f"upscale_mask_topk={k} exceeds the map's {x.shape[1]} channels")
     top = torch.topk(x, k=k, dim=1).values
     return F.interpolate(top, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+# SATS's attention-transfer loss lives in its own module; re-exported so every loss imports from here.
+from utils.sats import sats_loss  # noqa: E402,F401
