@@ -266,26 +266,39 @@ def read_imagenet_state(path) -> Tuple[Dict[str, torch.Tensor], str]:
 
 
 def load_resnet_imagenet(body: ResNet, path, checkpoint_norm_act: Optional[str] = None) -> str:
-    """Load ImageNet weights into ``body`` (strictly); returns the format found, "mib" or "torchvision".
+    """Load the ImageNet weights file ``path`` into ``body`` (strictly); returns "mib" or "torchvision".
 
-    Norm layers are converted where the file's parameterisation differs from the body's
-    (``|w| + eps`` for iabn/iabn_sync, ``w`` otherwise): a torchvision file is always ``w``; a MiB file
-    is assumed to match the body's layers (the originals pick ``{backbone}_{norm_act}.pth.tar``)
+    Reads with :func:`read_imagenet_state`, then :func:`load_imagenet_state` (conversions described there).
+    """
+    state, source = read_imagenet_state(path)
+    load_imagenet_state(body, state, source, checkpoint_norm_act, origin=str(path))
+    return source
+
+
+def load_imagenet_state(
+    body: ResNet, state: Dict[str, torch.Tensor], source: str, checkpoint_norm_act: Optional[str] = None, origin: str = "state dict"
+) -> None:
+    """Load a state dict with this body's names (as :func:`read_imagenet_state` returns it) strictly.
+
+    Norm layers are converted where the stored parameterisation differs from the body's
+    (``|w| + eps`` for iabn/iabn_sync, ``w`` otherwise): ``source="torchvision"`` is always ``w``; a
+    ``"mib"`` state is assumed to match the body's layers (the originals pick ``{backbone}_{norm_act}.pth.tar``)
     unless ``checkpoint_norm_act`` names the ``--norm_act`` it was trained with.  Converted weights give
     the same normalisation outputs; the activations still follow the body (ReLU for std, leaky ReLU
     otherwise), so e.g. torchvision weights in an ``abn`` body are a starting point, not torchvision's network.
-    ``num_batches_tracked`` may be present or absent.
+    ``num_batches_tracked`` may be present or absent.  ``origin`` names the source in error messages.
     """
     if not isinstance(body, ResNet):
-        raise TypeError(f"load_resnet_imagenet expects a models.resnet.ResNet, got {type(body).__name__}")
-    state, source = read_imagenet_state(path)
+        raise TypeError(f"expected a models.resnet.ResNet body, got {type(body).__name__}")
+    if source not in ("mib", "torchvision"):
+        raise ValueError(f"source must be 'mib' or 'torchvision', got {source!r}")
     if source == "torchvision":
         checkpoint_abs = False
     else:
         checkpoint_abs = None if checkpoint_norm_act is None else uses_abs_weight(checkpoint_norm_act)
+    state = dict(state)
     _convert_scales(body, state, checkpoint_abs)
     try:
         body.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"{path} ({source} format) does not fit the {type(body).__name__} body: {error}") from error
-    return source
+        raise ValueError(f"{origin} ({source} format) does not fit the {type(body).__name__} body: {error}") from error
