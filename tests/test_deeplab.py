@@ -16,16 +16,13 @@ from modules.deeplab import DeeplabV3, image_pool
 from modules.norm_act import ABN, SyncABN, make_norm_act
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_NAME = "shared/fixtures/mib_deeplab_state_dict_shapes.json"
+FIXTURE = ROOT / "tests" / "fixtures" / "mib_deeplab_state_dict_shapes.json"  # copied from shared/fixtures
 EPS = 1e-5
 
 
 def fixture():
-    """MiB's official parameter names and shapes (in the checkout's shared/ or beside the checkout)."""
-    for base in (ROOT, ROOT.parent):
-        if (base / FIXTURE_NAME).is_file():
-            return json.loads((base / FIXTURE_NAME).read_text())
-    raise FileNotFoundError(f"{FIXTURE_NAME} not found under {ROOT} or {ROOT.parent}")
+    """MiB's official parameter names and shapes."""
+    return json.loads(FIXTURE.read_text())
 
 
 def shapes_without_counter(module):
