@@ -1,0 +1,128 @@
+"""Decoders that turn the four MiT stage outputs into a stride-4 feature map.
+
+``SATSHead`` is the decoder SATS trains (spec/models.md §2.1, default ``--segformer_head sats``);
+``SegFormerMLPHead`` is the official all-MLP decoder of SegFormer without its final class
+projection (§2.2, ``--segformer_head mlp``). Both return ``(B, channels, H/4, W/4)``; the
+per-step 1×1 classifiers of ``IncrementalSegmentationModule`` produce the logits.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SATSHead", "SegFormerMLPHead", "MLP_DECODER_DIMS"]
+
+# Official decoder widths (SegFormer configs): 256 for B0/B1, 768 for B2-B5.
+MLP_DECODER_DIMS = {"mit_b0": 256, "mit_b1": 256, "mit_b2": 768, "mit_b3": 768, "mit_b4": 768, "mit_b5": 768}
+
+
+def _check_stages(features: Sequence[torch.Tensor], in_channels: Sequence[int]) -> None:
+    if len(features) != len(in_channels):
+        raise ValueError(f"expected {len(in_channels)} stage outputs, got {len(features)}")
+    for i, (feature, channels) in enumerate(zip(features, in_channels)):
+        if feature.dim() != 4 or feature.shape[1] != channels:
+            raise ValueError(f"stage {i} output must be (B, {channels}, H, W), got {tuple(feature.shape)}")
+
+
+class SATSHead(nn.Module):
+    """SATS's SegFormer decoder:
+
+        out = to_segmentation( concat_{i=0..3} up_i(to_fused[i](stage_i)) )
+
+    ``to_fused[i]`` is a 1×1 conv (C_i → channels, with bias) followed by nearest-neighbour
+    upsampling to the stage-1 grid (×2^i for inputs divisible by 32, which is SATS's
+    ``nn.Upsample(scale_factor=2**i)``); the concatenation is in stage order 1..4 and
+    ``to_segmentation`` is a 1×1 conv (4·channels → channels, with bias). No normalisation,
+    activation or dropout. Parameter names equal SATS's ``head.*`` keys
+    (``to_fused.{i}.0.weight``, ``to_segmentation.weight``).
+
+    Upsampling to the stage-1 size (instead of a fixed factor) also accepts input sizes that
+    are not multiples of 32 (e.g. full-image evaluation); for multiples of 32 it is identical.
+    """
+
+    def __init__(self, in_channels: Sequence[int], channels: int = 256):
+        super().__init__()
+        self.in_channels = tuple(in_channels)
+        self.channels = channels
+        # A one-element Sequential keeps SATS's parameter index ".0"; its second element was a
+        # parameter-free nn.Upsample, done in forward here so the target size can be exact.
+        self.to_fused = nn.ModuleList(nn.Sequential(nn.Conv2d(c, channels, 1)) for c in self.in_channels)
+        self.to_segmentation = nn.Conv2d(len(self.in_channels) * channels, channels, 1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        _check_stages(features, self.in_channels)
+        size = features[0].shape[-2:]
+        fused = [F.interpolate(proj(x), size=size, mode="nearest") for proj, x in zip(self.to_fused, features)]
+        return self.to_segmentation(torch.cat(fused, dim=1))
+
+
+class MLPProjection(nn.Module):
+    """Per-token linear projection of a (B, C, H, W) map: (B, C, H, W) → (B, E, H, W)."""
+
+    def __init__(self, in_channels: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_channels, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        tokens = self.proj(x.flatten(2).transpose(1, 2))
+        return tokens.transpose(1, 2).reshape(batch, -1, height, width)
+
+
+class ConvBNReLU(nn.Module):
+    """1×1 conv without bias, BatchNorm, ReLU (mmcv ``ConvModule``: names ``conv``, ``bn``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_layer=nn.BatchNorm2d):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.bn = norm_layer(out_channels)
+        self.activate = nn.ReLU(inplace=True)
+        # mmcv's ConvModule init: Kaiming normal (fan_out, ReLU) for the conv, BN weight 1 / bias 0.
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.ones_(self.bn.weight)
+        nn.init.zeros_(self.bn.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.bn(self.conv(x)))
+
+
+class SegFormerMLPHead(nn.Module):
+    """Official SegFormer all-MLP decoder (without ``linear_pred``):
+
+        c_i' = resize_bilinear(linear_c{i}(stage_i), size of stage 1)     (align_corners=False)
+        out  = Dropout2d_0.1( ReLU(BN(Conv1x1([c_4', c_3', c_2', c_1']))) )
+
+    Names follow the official ``decode_head.*`` keys: ``linear_c{1..4}.proj``,
+    ``linear_fuse.conv``, ``linear_fuse.bn``. ``norm_layer`` is BatchNorm2d on one process and
+    SyncBatchNorm under DDP (the official configs use SyncBN).
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        embed_dim: int,
+        dropout: float = 0.1,
+        norm_layer=nn.BatchNorm2d,
+    ):
+        super().__init__()
+        self.in_channels = tuple(in_channels)
+        self.channels = embed_dim
+        for i, c in enumerate(self.in_channels):
+            self.add_module(f"linear_c{i + 1}", MLPProjection(c, embed_dim))
+        self.linear_fuse = ConvBNReLU(len(self.in_channels) * embed_dim, embed_dim, norm_layer)
+        self.dropout = nn.Dropout2d(dropout)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        _check_stages(features, self.in_channels)
+        size = features[0].shape[-2:]
+        projected = []
+        for i in reversed(range(len(features))):
+            x = getattr(self, f"linear_c{i + 1}")(features[i])
+            if i > 0:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            projected.append(x)
+        return self.dropout(self.linear_fuse(torch.cat(projected, dim=1)))
