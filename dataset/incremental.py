@@ -371,7 +371,7 @@ def apply_lut(lut: np.ndarray, mask: np.ndarray, path: str, n_classes: int) -> n
     return mapped.astype(np.uint8)
 
 
-def test_on_val_split(indices: np.ndarray, train: bool) -> np.ndarray:
+def split_test_on_val(indices: np.ndarray, train: bool) -> np.ndarray:
     """``--test_on_val``: shuffle with ``RandomState(1)``; train keeps the first 80 %, else the rest."""
     shuffled = [int(i) for i in indices]
     np.random.RandomState(1).shuffle(shuffled)
@@ -473,6 +473,7 @@ class IncrementalSegmentationDataset(Dataset):
         self.labels = strip_background(labels)
         self.labels_old = strip_background(labels_old)
         self.scan_workers = scan_workers
+        self.cache_dir = os.path.dirname(idxs_path) if idxs_path else None
 
         if labels is None:
             self.order = list(range(n_classes))
@@ -493,7 +494,7 @@ class IncrementalSegmentationDataset(Dataset):
                 scan_workers,
             )
         if test_on_val:
-            indices = test_on_val_split(indices, train)
+            indices = split_test_on_val(indices, train)
         self.indices = indices
 
     # ---- file access -------------------------------------------------------------------
@@ -509,8 +510,7 @@ class IncrementalSegmentationDataset(Dataset):
 
     def class_presence(self) -> np.ndarray:
         """``(len(self), 256) bool``: raw class ids present in each selected image's mask."""
-        cache_dir = None
-        presence = load_class_presence(self.files, self.n_classes, cache_dir, self.scan_workers)
+        presence = load_class_presence(self.files, self.n_classes, self.cache_dir, self.scan_workers)
         return presence[self.indices]
 
     def load_raw(self, index: int):
