@@ -13,19 +13,9 @@ from models import mit_b0, mit_b1, mit_b2, mit_b3, mit_b4, mit_b5
 from models.mit import MIT_CONFIGS, mit_variant
 from utils.weights import is_hf_mit_state_dict, load_mit_weights, mit_state_dict_from_hf
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_NAME = "shared/fixtures/mit_official_state_dict_shapes.json"
-
-
-def _fixture():
-    """The official names and shapes (in the checkout's shared/ or beside the checkout)."""
-    for base in (ROOT, ROOT.parent):
-        if (base / FIXTURE_NAME).is_file():
-            return json.loads((base / FIXTURE_NAME).read_text())
-    raise FileNotFoundError(f"{FIXTURE_NAME} not found under {ROOT} or {ROOT.parent}")
-
-
-OFFICIAL = _fixture()
+# Copied from shared/fixtures (the official checkpoints' names and shapes).
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mit_official_state_dict_shapes.json"
+OFFICIAL = json.loads(FIXTURE.read_text())
 BUILDERS = {"mit_b0": mit_b0, "mit_b1": mit_b1, "mit_b2": mit_b2, "mit_b3": mit_b3, "mit_b4": mit_b4, "mit_b5": mit_b5}
 
 

@@ -15,19 +15,9 @@ from segmentation_module import EXTRA_KEYS, INTERMEDIATE_KEYS, classifier_layout
 from utils.checkpoint import load_checkpoint
 from utils.weights import load_foreign_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _fixture(name):
-    for base in (ROOT, ROOT.parent):
-        path = base / "shared" / "fixtures" / name
-        if path.is_file():
-            return json.loads(path.read_text())
-    raise FileNotFoundError(f"shared/fixtures/{name} not found under {ROOT} or {ROOT.parent}")
-
-
-MIT = _fixture("mit_official_state_dict_shapes.json")
-DEEPLAB = _fixture("mib_deeplab_state_dict_shapes.json")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # copied from shared/fixtures
+MIT = json.loads((FIXTURES / "mit_official_state_dict_shapes.json").read_text())
+DEEPLAB = json.loads((FIXTURES / "mib_deeplab_state_dict_shapes.json").read_text())
 
 
 def opts(**kwargs):
