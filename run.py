@@ -188,7 +188,9 @@ def run_step(opts, step, lr, device, rank, world):
     model_old = None
     trainer_state = None
     if step > 0:
-        model_old = make_model(opts, tasks.get_per_task_classes(opts.dataset, opts.task, step - 1))
+        old_opts = deepcopy(opts)
+        old_opts.no_pretrained = True  # its weights come from the previous step's checkpoint
+        model_old = make_model(old_opts, tasks.get_per_task_classes(opts.dataset, opts.task, step - 1))
         model_old.to(device)
         if not opts.test or opts.ckpt is None:
             prev = load_previous_step(opts, step, model, model_old, logger)

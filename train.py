@@ -123,15 +123,12 @@ def _kd_term(ctx: Context) -> torch.Tensor:
 
 def _de_term(ctx: Context) -> torch.Tensor:
     """ILT: ``MSE(f_new, f_old)`` on the backbone output (``nn.MSELoss()``, mean over elements)."""
-    return F.mse_loss(ctx.extras["body"].float(), ctx.old_extras["body"].float())
+    return L.features_l2(ctx.extras["body"], ctx.old_extras["body"])
 
 
 def _icarl_term(ctx: Context) -> torch.Tensor:
     """LwF-MC (combined form): ``C_o * mean BCEWithLogits(z[:, :C_o], sigmoid(z_old))``."""
-    z_old = ctx.old_logits.float()
-    return ctx.nb_old * F.binary_cross_entropy_with_logits(
-        ctx.logits[:, : ctx.nb_old].float(), torch.sigmoid(z_old)
-    )
+    return L.icarl_distillation(ctx.logits, ctx.old_logits)
 
 
 def _pod_term(ctx: Context) -> torch.Tensor:
