@@ -394,6 +394,7 @@ def cached_indices(
     the originals, or MiB's hand-made ADE partitions) is used as it is, with a warning.
     """
     cache_dir = os.path.dirname(idxs_path) if idxs_path else None
+    fingerprint = None
     if idxs_path and os.path.isfile(idxs_path):
         meta = _load_json(sidecar_path(idxs_path))
         if meta is None:
@@ -408,7 +409,8 @@ def cached_indices(
                 "%s.", idxs_path, os.path.basename(sidecar_path(idxs_path)), files.source,
             )
             return indices
-        expected = dict(selection, fingerprint=split_fingerprint(files), n_images=len(files))
+        fingerprint = split_fingerprint(files)
+        expected = dict(selection, fingerprint=fingerprint, n_images=len(files))
         if meta == expected:
             return np.load(idxs_path).astype(np.int64).reshape(-1)
         logger.info("%s is stale (split list or selection changed); rebuilding", idxs_path)
@@ -417,7 +419,8 @@ def cached_indices(
     indices = select(presence)
     if idxs_path:
         _save_npy(idxs_path, indices)
-        expected = dict(selection, fingerprint=split_fingerprint(files), n_images=len(files))
+        fingerprint = fingerprint or split_fingerprint(files)
+        expected = dict(selection, fingerprint=fingerprint, n_images=len(files))
         _save_json(sidecar_path(idxs_path), expected)
     return indices
 
@@ -440,8 +443,8 @@ class IncrementalSegmentationDataset(Dataset):
     A sample is ``(image, label)`` or, with saliency files, ``(image, label, saliency)``:
     image ``FloatTensor (3, H, W)`` as the transform makes it (uint8 without transform), label
     ``LongTensor (H, W)``, saliency ``LongTensor (H, W)`` in {0, 1} (1 where the saliency map
-    is > 0, as SSUL thresholds it). The LUT is applied before the spatial transforms: they only
-    pick, move or pad pixels (pad value 255, which the LUT keeps), so the order does not matter.
+    is > 0, as SSUL thresholds it). The LUT is applied before the spatial transforms: these only
+    pick and move mask pixels (nearest-exact, no padding), so mapping first gives the same labels.
 
     An image that cannot be decoded is replaced by the next index (deterministically), counted in
     ``skipped`` (per process: DataLoader workers keep their own count) and logged.
