@@ -104,7 +104,7 @@ def load_previous_step(opts, step, model, model_old, logger):
             f"--step_ckpt PATH.")
     ckpt = load_checkpoint(path)
     state = strip_prefix(ckpt["model_state"] if "model_state" in ckpt else ckpt)
-    _check_checkpoint_matches(ckpt, opts, expected_classes=model_old.classes, path=path)
+    _check_checkpoint_matches(ckpt, opts, tasks.get_per_task_classes(opts.dataset, opts.task, step - 1), path)
     model_old.load_state_dict(state, strict=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     newest = f"cls.{len(model.cls) - 1}."
@@ -226,8 +226,8 @@ def train_step(opts, step, model, model_old, trainer_state, classes, device, ran
     recipe = build_recipe(opts, step)
     if step > 0:
         init_new_classifier(model, recipe.init, logger)
-    if opts.fix_bn:
-        model.fix_bn()
+    if opts.fix_bn or (opts.bn_freeze and step > 0):  # SSUL freezes BN from step 1 on
+        model.fix_bn()  # sticky: the model's train() keeps BN in eval
 
     optimizer = torch.optim.SGD(param_groups(model, opts, step), lr=opts.lr, momentum=opts.momentum,
                                 nesterov=True, weight_decay=opts.weight_decay)
@@ -255,8 +255,6 @@ def train_step(opts, step, model, model_old, trainer_state, classes, device, ran
         seed_everything(epoch_seed(opts, step, epoch))
         t0 = time.time()
         losses = trainer.train(epoch, optimizer, train_loader, scheduler, logger, exemplar_loader)
-        if opts.fix_bn:
-            unwrapped.fix_bn()
         logger.info(f"epoch {epoch + 1}/{opts.epochs}: " +
                     ", ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" ({time.time() - t0:.1f}s)")
         for k, v in losses.items():

@@ -210,7 +210,7 @@ def build_recipe(opts, step: int) -> Recipe:
             w = wants(opts)
             recipe.terms.append(LossTerm(name, float(weight(opts)), fn, w, w))
     recipe.pseudo = "ssul" if opts.ssul else opts.pseudo
-    recipe.init = "unknown" if opts.ssul else ("balanced" if opts.init_balanced else None)
+    recipe.init = "unknown" if opts.w_transfer else ("balanced" if opts.init_balanced else None)
     return recipe
 
 
@@ -273,7 +273,7 @@ class Trainer:
         depend on, so a re-run of the step does not pay the pass over the training set twice.
         """
         mode = self.recipe.pseudo
-        if self.model_old is None or mode is None or pseudo_utils.threshold_statistic(mode) is None:
+        if self.model_old is None or mode in (None, "ssul") or pseudo_utils.threshold_statistic(mode) is None:
             return
         o = self.opts
 
