@@ -320,6 +320,7 @@ class Trainer:
             thresholds=self.thresholds, max_entropy=self.max_entropy,
             adaptive_factor=self.opts.classif_adaptive_factor,
             adaptive_min_factor=self.opts.classif_adaptive_min_factor,
+            keep_old_gt=bool(self.opts.mem_size),  # memory samples keep their old-class labels
         )
         return out.labels, out.pixel_weights, out.adaptive_factor
 
