@@ -269,6 +269,7 @@ def train_step(opts, step, model, model_old, trainer_state, classes, device, ran
             logger.add_scalar("Val/Overall_Acc", score["Overall Acc"], epoch)
             for k, v in val_losses.items():
                 logger.add_scalar(f"Val/{k}", v, epoch)
+            log_samples(opts, logger, unwrapped, model_old, val_loader.dataset, trainer, device, epoch)
             save_checkpoint(ckpt_file, opts, step, epoch, unwrapped, optimizer, scheduler, scaler, trainer,
                             best_score, classes, rank)
         if opts.stop_after_epochs and epoch + 1 - begin_epoch >= opts.stop_after_epochs and not last:
@@ -280,6 +281,23 @@ def train_step(opts, step, model, model_old, trainer_state, classes, device, ran
                         trainer, best_score, classes, rank)
     dist_utils.barrier()  # the other ranks read the file rank 0 just wrote
     return trainer, ckpt_file
+
+
+def log_samples(opts, logger, model, model_old, val_dst, trainer, device, epoch):
+    """--sample_num prediction triplets; with SATS, the class-pooled attention maps (old | new)."""
+    if not dist_utils.is_main_process() or not opts.visualize:
+        return
+    from utils import tensorboard_samples as tb
+
+    indices = tb.sample_indices(len(val_dst), opts.sample_num, opts.random_seed)
+    for idx, row in zip(indices, tb.prediction_triplets(model, val_dst, indices, device, trainer.predict)):
+        logger.add_image(f"Samples/{idx}", row, epoch, dataformats="HWC")
+    if model_old is not None and opts.distill_segformer and opts.distill_object != "sats-feature-CNN":
+        with torch.no_grad():
+            for tag, panel in tb.pooled_attention_panels(model.eval(), model_old, val_dst, indices[:2] or [0],
+                                                         device, opts.sats_legacy_reshape):
+                logger.add_image(f"SATS_attention/{tag}", panel[None], epoch, dataformats="CHW")
+        model.train()
 
 
 def save_checkpoint(path, opts, step, epoch, model, optimizer, scheduler, scaler, trainer, best_score,
@@ -399,7 +417,7 @@ def _unwrap_subset(dst):
 def report_test(opts, step, score, n_classes, logger, world):
     n_base = tasks.get_per_task_classes(opts.dataset, opts.task, 0)[0]
     summary = summarize_step(score["Class IoU"], n_base, n_classes)
-    logger.info(StreamSegMetrics.to_str(score) if hasattr(StreamSegMetrics, "to_str") else str(score))
+    logger.to_file(StreamSegMetrics.to_str(score))
     logger.add_scalar("Test/MeanIoU", score["Mean IoU"], step)
     logger.add_scalar("Test/Overall_Acc", score["Overall Acc"], step)
     logger.add_figure("Test/Confusion_Matrix", confusion_matrix_figure(score["Confusion Matrix"]), step)

@@ -52,11 +52,16 @@ class Logger:
         # Other ranks only report errors; rank 0 reports everything.
         console.setLevel(logging.DEBUG if rank == 0 else logging.ERROR)
         self._logger.addHandler(console)
+        self._file_logger = None
         if rank == 0:
             os.makedirs(logdir, exist_ok=True)
             log_file = logging.FileHandler(filename or os.path.join(logdir, "log.txt"))
             log_file.setFormatter(formatter)
             self._logger.addHandler(log_file)
+            self._file_logger = logging.getLogger(f"{self._logger.name}.file")
+            self._file_logger.setLevel(logging.DEBUG)
+            self._file_logger.propagate = False
+            self._file_logger.addHandler(log_file)
             if summary:
                 import tensorboardX
 
@@ -69,6 +74,11 @@ class Logger:
         """Rank 0 only."""
         if self.rank == 0:
             self._logger.info(msg)
+
+    def to_file(self, msg):
+        """Rank 0's text log only: long tables that would flood the console."""
+        if self._file_logger is not None:
+            self._file_logger.info(msg)
 
     def warning(self, msg):
         """Rank 0 only (every rank sees the same warnings in this code base)."""
