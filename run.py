@@ -105,11 +105,11 @@ def load_previous_step(opts, step, model, model_old, logger):
     ckpt = load_checkpoint(path)
     state = strip_prefix(ckpt["model_state"] if "model_state" in ckpt else ckpt)
     _check_checkpoint_matches(ckpt, opts, tasks.get_per_task_classes(opts.dataset, opts.task, step - 1), path)
-    model_old.load_state_dict(state, strict=True)
+    model_old.load_state_dict(state, strict=opts.strict_weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
     newest = f"cls.{len(model.cls) - 1}."
     wrong = [k for k in missing if not k.startswith(newest)] + list(unexpected)
-    if wrong:
+    if wrong and opts.strict_weights:  # --no_strict_weights: load what fits, as SATS did
         raise RuntimeError(f"checkpoint {path} does not fit the step-{step} model: {wrong[:8]}")
     logger.info(f"Loaded step {step - 1} weights from {path}")
     return ckpt

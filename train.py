@@ -457,7 +457,14 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def validate(self, loader, metrics, logger=None, end_task=False):
-        """Evaluate on ``loader``; returns ``(losses, score)`` (identical on every rank)."""
+        """Evaluate on ``loader``; returns ``(losses, score)`` (identical on every rank).
+
+        ``--align_weight`` (PLOP) rescales the newest classifier first, at every validation
+        (``--align_weight_frequency epoch``) or before the end-of-step test (``task``).
+        """
+        frequency = self.opts.align_weight_frequency
+        if self.opts.align_weight and self.step > 0 and (frequency == "epoch" or (frequency == "task" and end_task)):
+            _unwrap(self.model).align_weight(self.opts.align_weight)
         self.model.eval()
         metrics.reset()
         ce_sum = torch.zeros(2, device=self.device, dtype=torch.float64)
