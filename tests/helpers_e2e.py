@@ -59,17 +59,32 @@ def working_directory(path):
         os.chdir(previous)
 
 
-def run_cli(args, cwd, timeout=None):
+def run_cli(args, cwd, timeout=None, threads=1):
     """``run.main(args)`` with ``cwd`` as working directory; returns its list of per-step test
     scores (``StreamSegMetrics.get_results()`` dicts: ``"Mean IoU"``, ``"Class IoU"``, ...).
 
     ``timeout`` (seconds): a run still going after it is interrupted with ``TimeoutError``
-    (SIGALRM, so only from the main thread, where pytest runs tests).
+    (SIGALRM, so only from the main thread, where pytest runs tests). ``threads``: torch's
+    intra-op threads during the run (restored afterwards).
     """
     import run
 
-    with working_directory(cwd), _alarm(timeout):
+    with working_directory(cwd), _torch_threads(threads), _alarm(timeout):
         return run.main([str(a) for a in args])
+
+
+@contextlib.contextmanager
+def _torch_threads(n):
+    # On 64-px images the per-op work is tiny: extra threads only add synchronisation, and on a
+    # shared two-core machine they made a one-epoch run up to ten times slower.
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
