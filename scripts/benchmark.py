@@ -90,6 +90,7 @@ def build_step1(args, method, device):
 
     opts = method_options(args, method)
     opts.world_size = 1
+    opts.lr = opts.lr[0]  # run.py sets the step's learning rate the same way
     classes = tasks.get_per_task_classes("voc", args.task, 1)
     old = make_model(opts, tasks.get_per_task_classes("voc", args.task, 0)).to(device)
     model = make_model(opts, classes).to(device)
