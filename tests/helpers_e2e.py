@@ -24,16 +24,24 @@ DATASET = "voc"
 TINY_TRAIN, TINY_VAL, TINY_SIZE = 48, 12, 64
 
 
+# Test modules import ``tiny_voc`` (conftest.py stays untouched), and pytest then keeps one
+# session fixture per importing module: this cache makes them share one generated tree.
+_TREES: dict = {}
+
+
 @pytest.fixture(scope="session")
 def tiny_voc(tmp_path_factory) -> str:
     """``--data_root`` of a generated VOC tree (MiB layout: the folder holding ``PascalVOC12/``)
-    with 48 training and 12 validation images of 64 x 64 pixels."""
-    from dataset.synthetic import generate
+    with 48 training and 12 validation images of 64 x 64 pixels, generated once per session."""
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _TREES:
+        from dataset.synthetic import generate
 
-    root = tmp_path_factory.mktemp("tiny_voc")
-    generate(str(root / "PascalVOC12"), dataset=DATASET, num_train=TINY_TRAIN, num_val=TINY_VAL,
-             size=TINY_SIZE, seed=0, workers=1)
-    return str(root)
+        root = tmp_path_factory.mktemp("tiny_voc")
+        generate(str(root / "PascalVOC12"), dataset=DATASET, num_train=TINY_TRAIN,
+                 num_val=TINY_VAL, size=TINY_SIZE, seed=0, workers=1)
+        _TREES[key] = str(root)
+    return _TREES[key]
 
 
 def base_args(root, name, method=None) -> list[str]:
