@@ -10,9 +10,7 @@ naming its key, instead of at the next step's load.
 import argparse
 import os
 import pathlib
-import pickle
 import tempfile
-import zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -151,7 +149,10 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
+    except OSError:
+        raise  # unreadable file (permissions, I/O): the OS message says it best
+    except Exception as error:  # noqa: BLE001 - garbage bytes make the unpickler fail in many ways
+        # (UnpicklingError, EOFError, IndexError, struct.error, UnicodeDecodeError, ...)
         raise RuntimeError(
             f"cannot load checkpoint {path}: it is truncated or corrupt, or holds objects that "
             f"weights_only loading refuses ({type(error).__name__}: {error})") from error
