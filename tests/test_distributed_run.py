@@ -81,8 +81,8 @@ def test_torchrun_two_ranks_write_the_row_a_single_process_evaluation_reproduces
     assert saved["opts"]["world_size"] == 2
     assert not any(k.startswith("module.") for k in saved["model_state"])  # saved unwrapped
 
-    scores = run_cli(base_args(torchrun_run["root"], "single") + ["--step", "0", "--test", "--ckpt", str(ckpt)],
-                     tmp_path, timeout=120)
+    test_args = ["--step", "0", "--test", "--ckpt", str(ckpt)]
+    scores = run_cli(base_args(torchrun_run["root"], "single") + test_args, tmp_path, timeout=120)
 
     _, single_rows = read_results(results_csv(tmp_path, "single"))
     assert single_rows == rows
@@ -98,7 +98,8 @@ def test_legacy_launcher_passes_local_rank_and_trains_exactly_like_torchrun(torc
     reference = torch.load(checkpoint_file(torchrun_run["cwd"], "dist", 0), weights_only=True)
     for key, tensor in reference["model_state"].items():
         assert torch.equal(legacy["model_state"][key], tensor), key
-    assert read_results(results_csv(tmp_path, "dist")) == read_results(results_csv(torchrun_run["cwd"], "dist"))
+    reference_rows = read_results(results_csv(torchrun_run["cwd"], "dist"))
+    assert read_results(results_csv(tmp_path, "dist")) == reference_rows
 
 
 def child_pids(pid):
