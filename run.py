@@ -171,10 +171,16 @@ def param_groups(model, opts, step):
 def run_step(opts, step, lr, device, rank, world):
     opts = deepcopy(opts)
     opts.step, opts.lr = step, lr
-    task_name = f"{opts.task}-{opts.dataset}"
-    logdir = os.path.join(opts.logdir, task_name, opts.name)
+    logdir = os.path.join(opts.logdir, f"{opts.task}-{opts.dataset}", opts.name)
     logger = Logger(logdir, rank=rank, debug=opts.debug, summary=opts.visualize, step=step)
-    for message in getattr(opts, "preset_overrides", []):
+    try:
+        return _run_step(opts, step, device, rank, world, logger)
+    finally:
+        logger.close()  # also on errors and --stop_after_epochs: no lost events, no open files
+
+
+def _run_step(opts, step, device, rank, world, logger):
+    for message in getattr(opts, "preset_overrides", []) + getattr(opts, "option_warnings", []):
         logger.info(message)
     seed_everything(opts.random_seed)
 
@@ -185,23 +191,18 @@ def run_step(opts, step, lr, device, rank, world):
 
     classes = tasks.get_per_task_classes(opts.dataset, opts.task, step)
     model = make_model(opts, classes).to(device)
-    model_old = None
-    trainer_state = None
-    if step > 0:
-        old_opts = deepcopy(opts)
-        old_opts.no_pretrained = True  # its weights come from the previous step's checkpoint
-        model_old = make_model(old_opts, tasks.get_per_task_classes(opts.dataset, opts.task, step - 1))
-        model_old.to(device)
-        if not opts.test or opts.ckpt is None:
-            prev = load_previous_step(opts, step, model, model_old, logger)
-            trainer_state = prev.get("trainer_state")
-        freeze(model_old)
-
-    trainer = None
     ckpt_file = checkpoint_path(opts, step)
     if not opts.test:
-        trainer, ckpt_file = train_step(opts, step, model, model_old, trainer_state, classes, device,
-                                        rank, world, logger, train_loader, val_loader, train_dst, n_classes)
+        model_old, trainer_state = None, None
+        if step > 0:
+            old_opts = deepcopy(opts)
+            old_opts.no_pretrained = True  # its weights come from the previous step's checkpoint
+            model_old = make_model(old_opts, tasks.get_per_task_classes(opts.dataset, opts.task, step - 1))
+            model_old.to(device)
+            trainer_state = load_previous_step(opts, step, model, model_old, logger).get("trainer_state")
+            freeze(model_old)
+        ckpt_file = train_step(opts, step, model, model_old, trainer_state, classes, device, rank, world,
+                               logger, train_loader, val_loader, train_dst, n_classes)
 
     # Test the saved file itself: what is carried to the next step is exactly what is scored.
     test_file = opts.ckpt if opts.test and opts.ckpt else ckpt_file
@@ -212,10 +213,8 @@ def run_step(opts, step, lr, device, rank, world):
     model.load_state_dict(strip_prefix(ckpt["model_state"] if "model_state" in ckpt else ckpt), strict=True)
     model.to(device)
     tester = Trainer(model, None, device, opts, classes=classes, step=step, logger=logger)
-    metrics = StreamSegMetrics(n_classes)
-    _, score = tester.validate(test_loader, metrics, end_task=True)
+    _, score = tester.validate(test_loader, StreamSegMetrics(n_classes), end_task=True)
     report_test(opts, step, score, n_classes, logger, world)
-    logger.close()
     return score
 
 
@@ -280,7 +279,7 @@ def train_step(opts, step, model, model_old, trainer_state, classes, device, ran
         save_checkpoint(ckpt_file, opts, step, opts.epochs - 1, unwrapped, optimizer, scheduler, scaler,
                         trainer, best_score, classes, rank)
     dist_utils.barrier()  # the other ranks read the file rank 0 just wrote
-    return trainer, ckpt_file
+    return ckpt_file
 
 
 def log_samples(opts, logger, model, model_old, val_dst, trainer, device, epoch):
