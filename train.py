@@ -16,13 +16,11 @@ criterion is a per-pixel map averaged over *all* pixels, ignored ones counting a
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 

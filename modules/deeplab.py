@@ -10,7 +10,7 @@ usual 36: the originals' value).  Every norm layer carries the factory's default
 (leaky ReLU for the ABN variants, ReLU for ``std``), so the result is post-activation.
 """
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
