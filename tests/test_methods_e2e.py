@@ -16,11 +16,13 @@ import re
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 import argparser
 from helpers_e2e import (base_args, checkpoint_file, log_folder, results_csv, run_cli,  # noqa: F401
                          tiny_voc)
 from train import build_recipe
+from utils.checkpoint import load_checkpoint
 from utils.results import read_results
 
 STEP_LRS = {0: "0.01", 1: "0.001"}
@@ -136,6 +138,14 @@ def retest_step1(cwd, name, args):
     return scores, before, step_rows(cwd, name)[1]
 
 
+def changed_weights(step0_file, step1_file):
+    """Names of the step-0 tensors that step 1 changed (step 1's new classifier left out)."""
+    before = load_checkpoint(step0_file)["model_state"]
+    after = load_checkpoint(step1_file)["model_state"]
+    assert set(before) <= set(after)
+    return {k for k, v in before.items() if not torch.equal(v, after[k])}
+
+
 def assert_same_score(a, b):
     assert a["Mean IoU"] == b["Mean IoU"]
     assert a["Overall Acc"] == b["Overall Acc"]
@@ -157,8 +167,9 @@ def check_run(cwd, name, args, steps, scores, step_terms):
         assert set(losses[step]) == set(step_terms[step])
         assert recipe_keys(args, step) <= set(losses[step])
         assert all(math.isfinite(v) and v >= 0 for v in losses[step].values()), losses[step]
-    # every distillation term has something to distil at step 1 (new and old outputs differ)
-    assert all(losses[1][k] > 0 for k in set(losses[1]) & DISTILLATION_TERMS), losses[1]
+    # every distillation term has something to distil at step 1 (new and old outputs differ), and
+    # the regularizers penalise the drift with the importance carried over in the step-0 file
+    assert all(losses[1][k] > 0 for k in set(losses[1]) & (DISTILLATION_TERMS | {"reg"})), losses[1]
     assert any(p.name.startswith("events.out.tfevents") for p in log_folder(cwd, name).iterdir())
 
     test_scores, row_before, row_after = retest_step1(cwd, name, args)
@@ -175,21 +186,36 @@ def test_method_trains_two_steps_and_retests(c, tiny_voc, workspace, request):
     args = base_args(tiny_voc, name, c.method)
     if c.memory:
         args += ["--mem_size", str(MEMORY_SIZE)]
-    run_args = args + steps_args(c.steps)
-    if not c.own_step0:
-        run_args += ["--step_ckpt", str(request.getfixturevalue("shared_step0"))]
+    if c.own_step0:
+        step0_file = checkpoint_file(workspace, name, 0)
+        scores = run_cli(args + steps_args(c.steps), workspace)
+    else:
+        step0_file = request.getfixturevalue("shared_step0")
+        scores = run_cli(args + steps_args(c.steps) + ["--step_ckpt", str(step0_file)], workspace)
 
-    scores = run_cli(run_args, workspace)
     losses = check_run(workspace, name, args, c.steps, scores, {0: c.step0_terms, 1: c.step1_terms})
-
     if "reg" in c.step1_terms:  # no previous model at step 0: nothing to penalise yet
         assert losses[0]["reg"] == 0.0
+    check_trained_weights(c.method, step0_file, checkpoint_file(workspace, name, 1))
     if c.memory:
-        memory_file = checkpoint_file(workspace, name, 1).with_name(f"15-5-voc_{name}_1_memory.json")
-        assert memory_file.is_file()
-        log = (log_folder(workspace, name) / "log.txt").read_text()
-        found = re.search(r"Exemplar memory: (\d+) images", log)
-        assert found and 0 < int(found[1]) <= MEMORY_SIZE
+        check_memory(workspace, name)
+
+
+def check_trained_weights(method, step0_file, step1_file):
+    changed = changed_weights(step0_file, step1_file)
+    if method.startswith("SSUL"):  # frozen network and BN: only the unknown and bg classifiers move
+        assert changed == {"cls.0.weight", "cls.0.bias", "cls.1.weight", "cls.1.bias"}
+    else:
+        assert any(k.startswith("body.") for k in changed)
+        assert any(k.startswith("head.") for k in changed)
+
+
+def check_memory(cwd, name):
+    """The exemplar memory was chosen, saved beside the step-1 checkpoint and logged."""
+    step1_file = checkpoint_file(cwd, name, 1)
+    assert step1_file.with_name(step1_file.stem + "_memory.json").is_file()
+    found = re.search(r"Exemplar memory: (\d+) images", (log_folder(cwd, name) / "log.txt").read_text())
+    assert found and 0 < int(found[1]) <= MEMORY_SIZE
 
 
 def test_plop_on_deeplab_distils_the_resnet_maps(deeplab_plop, workspace):
@@ -202,8 +228,8 @@ def test_sats_feature_cnn_on_deeplab_runs_from_the_plop_step0(deeplab_plop, tiny
     plop_name = deeplab_plop[0]
     name = "deeplab-SATS-CNN"
     args = base_args(tiny_voc, name, "SATS") + DEEPLAB + ["--distill_object", "sats-feature-CNN"]
-    scores = run_cli(args + steps_args([1]) + ["--step_ckpt", str(checkpoint_file(workspace, plop_name, 0))],
-                     workspace)
+    step0_file = checkpoint_file(workspace, plop_name, 0)
+    scores = run_cli(args + steps_args([1]) + ["--step_ckpt", str(step0_file)], workspace)
     check_run(workspace, name, args, [1], scores, {1: {"ce", "kd", "sats"}})
 
 
