@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as run.py sets it
 import resource
 import statistics
 import subprocess

@@ -10,6 +10,7 @@ if str(ROOT) not in sys.path:
 
 # Two cores on CI: keep intra-op threads from fighting over them.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see run.py: spinning threads starve subprocesses
 
 
 @pytest.fixture(autouse=True)
