@@ -26,7 +26,7 @@ STEP0_NAME="${NAME}-step0"
 python -c "import sys; from dataset.synthetic import ensure_demo_tree; print('[demo] data:', ensure_demo_tree(sys.argv[1]))" "$DEMO_ROOT/PascalVOC12"
 
 common=(--data_root "$DEMO_ROOT" --dataset voc --task 15-5 --overlap --model "$MODEL" --no_pretrained
-        --crop_size 128 --batch_size "$BATCH_SIZE" --num_workers 2 --val_interval 100 --sample_num 4)
+        --crop_size 96 --batch_size "$BATCH_SIZE" --num_workers 2 --val_interval 100 --sample_num 4)
 
 step0_ckpt="checkpoints/step/15-5-voc_${STEP0_NAME}_0.pth"
 if [[ -f $step0_ckpt ]]; then
