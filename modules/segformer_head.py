@@ -42,6 +42,16 @@ class SATSHead(nn.Module):
 
     Upsampling to the stage-1 size (instead of a fixed factor) also accepts input sizes that
     are not multiples of 32 (e.g. full-image evaluation); for multiples of 32 it is identical.
+
+    The whole head is linear and nearest upsampling commutes with 1×1 convolutions, so it is
+    evaluated as the same map in a cheaper order::
+
+        out = b_seg + sum_i up_i( (S_i W_i) x_i + S_i b_i )
+
+    with ``S_i`` the block of ``to_segmentation``'s weight that reads stage i. Each product runs
+    at its stage's resolution, instead of fusing the 4·channels concatenation at stage-1
+    resolution: about 16x fewer multiply-adds (the head cost more than the MiT-B0 encoder).
+    Gradients reach ``W_i``, ``b_i``, ``S_i`` and ``b_seg`` through the small weight products.
     """
 
     def __init__(self, in_channels: Sequence[int], channels: int = 256):
@@ -56,8 +66,33 @@ class SATSHead(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         _check_stages(features, self.in_channels)
         size = features[0].shape[-2:]
+        fuse = self.to_segmentation.weight.flatten(1).split(self.channels, dim=1)  # S_i blocks
+        out = None
+        for proj, block, x in zip(self.to_fused, fuse, features):
+            conv = proj[0]
+            bias = block @ conv.bias
+            if out is None:
+                bias = bias + self.to_segmentation.bias
+            stage = F.conv2d(x, (block @ conv.weight.flatten(1))[:, :, None, None].to(x.dtype), bias.to(x.dtype))
+            out = stage if out is None else _add_nearest_upsampled(out, stage, size)
+        return out
+
+    def forward_reference(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The published evaluation order (upsample, concatenate, fuse); same values as forward."""
+        size = features[0].shape[-2:]
         fused = [F.interpolate(proj(x), size=size, mode="nearest") for proj, x in zip(self.to_fused, features)]
         return self.to_segmentation(torch.cat(fused, dim=1))
+
+
+def _add_nearest_upsampled(out: torch.Tensor, x: torch.Tensor, size) -> torch.Tensor:
+    """``out + interpolate(x, size, 'nearest')``; for integer ratios in one pass, without
+    materialising the upsampled map (each low-resolution value is added to its block)."""
+    (height, width), (h, w) = size, x.shape[-2:]
+    if height % h or width % w:
+        return out + F.interpolate(x, size=size, mode="nearest")
+    batch, channels = out.shape[:2]
+    blocks = out.view(batch, channels, h, height // h, w, width // w)
+    return (blocks + x[:, :, :, None, :, None]).view_as(out)
 
 
 class MLPProjection(nn.Module):

@@ -153,12 +153,21 @@ def test_mlp_head_computation():
 
 
 def test_sats_head_equals_sats_upsample_by_powers_of_two():
-    head = SATSHead((3, 5, 7, 9), channels=4)
-    feats = [torch.randn(2, c, 16 // 2 ** i, 24 // 2 ** i) for i, c in enumerate((3, 5, 7, 9))]
-    with torch.no_grad():
-        fused = [nn.Upsample(scale_factor=2 ** i)(head.to_fused[i][0](f)) for i, f in enumerate(feats)]
-        expected = head.to_segmentation(torch.cat(fused, dim=1))
-        assert torch.equal(head(feats), expected)
+    head = SATSHead((3, 5, 7, 9), channels=4).double()
+    feats = [torch.randn(2, c, 16 // 2 ** i, 24 // 2 ** i, dtype=torch.float64, requires_grad=True)
+             for i, c in enumerate((3, 5, 7, 9))]
+    # SATS's order: upsample by 2**i, concatenate, fuse
+    fused = [nn.Upsample(scale_factor=2 ** i)(head.to_fused[i][0](f)) for i, f in enumerate(feats)]
+    expected = head.to_segmentation(torch.cat(fused, dim=1))
+    assert torch.equal(head.forward_reference(feats), expected)
+    # forward evaluates the same linear map per stage before upsampling: equal up to rounding,
+    # gradients for every weight and input included
+    out = head(feats)
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    inputs = list(head.parameters()) + feats
+    for got, want in zip(torch.autograd.grad(out.square().sum(), inputs),
+                         torch.autograd.grad(expected.square().sum(), inputs)):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="stage 1"):
         head([feats[0], torch.randn(2, 4, 8, 12), feats[2], feats[3]])
 

@@ -297,12 +297,13 @@ class UnbiasedKnowledgeDistillationLoss(nn.Module):
         _check_teacher(inputs, targets)
         logits = inputs.float()
         old_channels = targets.shape[1]
-        den = torch.logsumexp(logits, dim=1)
-        bg_and_new = torch.cat([logits[:, :1], logits[:, old_channels:]], dim=1)
-        log_bg = torch.logsumexp(bg_and_new, dim=1) - den
-        log_old_fg = logits[:, 1:old_channels] - den.unsqueeze(1)
+        log_probs = torch.log_softmax(logits, dim=1)  # z_c - D, one fused kernel
+        log_bg = log_probs[:, 0]
+        if logits.shape[1] > old_channels:  # log(p_0 + sum of new-class p), no channel copy
+            log_bg = torch.logaddexp(log_bg, torch.logsumexp(log_probs[:, old_channels:], dim=1))
         teacher = torch.softmax(targets.float() * self.alpha, dim=1)
-        loss = -(teacher[:, 0] * log_bg + (teacher[:, 1:] * log_old_fg).sum(dim=1)) / old_channels
+        old_fg = (teacher[:, 1:] * log_probs[:, 1:old_channels]).sum(dim=1)
+        loss = -(teacher[:, 0] * log_bg + old_fg) / old_channels
         return _reduce(_apply_pixel_mask(loss, mask), self.reduction)
 
 
