@@ -57,7 +57,7 @@ def test_dry_run_shares_step0_per_seed_and_starts_step1_from_it(tmp_path, capsys
         assert option(argv, "--date") == "compare" and "--no_progress" in argv
     step0, ft, mib = commands[:3]
     assert option(step0, "--method") == "FT" and steps_of(step0) == [0]
-    assert option(step0, "--lr") == "0.05" and option(step0, "--epochs") == str(compare.QUICK.epochs0)
+    assert option(step0, "--lr") == "0.02" and option(step0, "--epochs") == str(compare.QUICK.epochs0)
     assert "--step_ckpt" not in step0
     shared = str(work / "checkpoints" / "15-5-voc_step0-ce_s42_0.pth")
     for argv, method in ((ft, "FT"), (mib, "MiB")):
@@ -79,7 +79,10 @@ def test_own_step0_families_and_ssul_learning_rate(tmp_path):
         run = methods[label]
         assert run.steps == [1, 2, 3, 4, 5] and steps_of(run.argv) == [1, 2, 3, 4, 5]
         assert option(run.argv, "--step_ckpt").endswith(f"15-1-voc_step0-{family}_s42_0.pth")
-    assert option(methods["SSUL"].argv, "--lr") == "0.05"  # SSUL: the step-0 rate at every step
+    assert option(methods["SSUL"].argv, "--lr") == "0.02"  # SSUL: the step-0 rate at every step
+    ssul_step0 = next(r for r in runs if r.name == "step0-ssul_s42")
+    assert "--no_freeze" in ssul_step0.argv  # SSUL trains the whole network at step 0
+    assert "--no_freeze" not in methods["SSUL"].argv
     assert option(methods["EWC"].argv, "--lr") == "0.005"
     assert methods["PLOP-M"].log_path.endswith("logs/15-1_PLOP-M_s42_step1-5.txt")
 
