@@ -83,48 +83,19 @@ def get_dataset(opts):
     train_tf = transform.train_transform(opts.crop_size)
     val_tf = transform.val_transform(opts.crop_size, opts.crop_val)
 
-    train_dst = build(
-        root=opts.data_root,
-        train=True,
-        transform=train_tf,
-        labels=list(labels),
-        labels_old=list(labels_old),
-        idxs_path=os.path.join(folder, f"train-{step}.npy"),
-        masking=masking,
-        overlap=opts.overlap,
-        data_masking=opts.data_masking,
-        test_on_val=opts.test_on_val,
-        saliency=_wants_saliency(opts),
-        labels_future=labels_future,
-    )
+    # what the train and val sets of this step share: the classes and how labels are mapped
+    step_data = dict(root=opts.data_root, labels=list(labels), labels_old=list(labels_old),
+                     masking=masking, data_masking=opts.data_masking, labels_future=labels_future)
+    train_idxs = os.path.join(folder, f"train-{step}.npy")
+    train_dst = build(train=True, transform=train_tf, idxs_path=train_idxs, overlap=opts.overlap,
+                      test_on_val=opts.test_on_val, saliency=_wants_saliency(opts), **step_data)
     if opts.cross_val:
-        train_view = build(
-            root=opts.data_root,
-            train=True,
-            transform=val_tf,
-            labels=list(labels),
-            labels_old=list(labels_old),
-            idxs_path=os.path.join(folder, f"train-{step}.npy"),
-            masking=masking,
-            overlap=opts.overlap,
-            data_masking=opts.data_masking,
-            test_on_val=opts.test_on_val,
-            labels_future=labels_future,
-        )
+        train_view = build(train=True, transform=val_tf, idxs_path=train_idxs, overlap=opts.overlap,
+                           test_on_val=opts.test_on_val, **step_data)
         train_dst, val_dst = _cross_val_split(train_dst, train_view, opts.random_seed)
     else:
-        val_dst = build(
-            root=opts.data_root,
-            train=False,
-            transform=val_tf,
-            labels=list(labels),
-            labels_old=list(labels_old),
-            idxs_path=os.path.join(folder, f"val-{step}.npy"),
-            masking=masking,
-            overlap=True,
-            data_masking=opts.data_masking,
-            labels_future=labels_future,
-        )
+        val_dst = build(train=False, transform=val_tf, idxs_path=os.path.join(folder, f"val-{step}.npy"),
+                        overlap=True, **step_data)
 
     image_set = "train" if opts.val_on_trainset else "val"
     test_dst = build(
