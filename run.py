@@ -31,7 +31,7 @@ import dataset as datasets
 import tasks
 from metrics import StreamSegMetrics, summarize_step
 from segmentation_module import make_model
-from train import Trainer, amp_settings
+from train import Trainer, amp_settings, build_recipe
 from utils import distributed as dist_utils
 from utils.checkpoint import checkpoint_path, load_checkpoint, options_to_dict, save_atomic, strip_prefix
 from utils.logger import Logger, confusion_matrix_figure
@@ -224,8 +224,6 @@ def _run_step(opts, step, device, rank, world, logger):
 
 def train_step(opts, step, model, model_old, trainer_state, classes, device, rank, world, logger,
                train_loader, val_loader, train_dst, n_classes):
-    from train import build_recipe
-
     recipe = build_recipe(opts, step)
     if step > 0:
         init_new_classifier(model, recipe.init, logger)
