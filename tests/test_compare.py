@@ -84,6 +84,7 @@ def test_own_step0_families_and_ssul_learning_rate(tmp_path):
     assert "--no_freeze" in ssul_step0.argv  # SSUL trains the whole network at step 0
     assert "--no_freeze" not in methods["SSUL"].argv
     assert option(methods["EWC"].argv, "--lr") == "0.005"
+    assert option(methods["LWF-MC"].argv, "--lr") == "0.002"  # STEP_LR_CAP: its iCaRL term diverges
     assert methods["PLOP-M"].log_path.endswith("logs/15-1_PLOP-M_s42_step1-5.txt")
 
 
@@ -175,6 +176,7 @@ def test_report_markdown_numbers(tmp_path):
     assert "| 1 | 21 | 20.0 ± 14.1 | 50.0 ± 0.0 | 27.1 ± 10.8 |" in ft
     assert "mean ± sample std over 2 seeds (42, 43)" in text
     assert "Command: `python scripts/synth/compare.py --quick`" in text
+    assert "3 epochs at lr 0.005 (every method)" in text
     assert Path(png_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -196,5 +198,7 @@ def test_one_seed_has_no_spread_and_missing_results_are_named(tmp_path):
     _fake_comparison(work)
     text = compare.report_markdown("15-5", compare.collect(work, "15-5", ["FT"], [42]), [42], compare.QUICK)
     assert "| FT | 10.0 | 50.0 | 19.5 |" in text and "one seed (42)" in text
+    table = {"FT": {}, "SSUL": {}, "LWF-MC": {}}
+    assert compare._lr_exceptions(table, compare.QUICK) == "SSUL: 0.02, LWF-MC: 0.002"
     with pytest.raises(FileNotFoundError, match="compare_voc_15-5_SATS_s42.csv"):
         compare.collect(work, "15-5", ["SATS"], [42])

@@ -14,7 +14,9 @@ is accumulated while step 0 trains) and SSUL (unknown channel, BCE) have their o
 method starts from its family's file (``--step_ckpt``); later steps chain on the method's own
 checkpoints. All runs are overlapped (``--overlap``) and tested on a ``--crop_size`` centre crop
 (``--crop_val``). SSUL trains every step with ``--lr0`` (clovaai/SSUL uses one rate at every step,
-it only trains the head after step 0); the other methods use ``--lr`` after step 0.
+it only trains the head after step 0) and its step 0 trains the whole network (``--no_freeze``);
+the other methods use ``--lr`` after step 0, LWF-MC at most 0.002 (``STEP_LR_CAP``: its iCaRL term
+diverges above).
 
 Every ``run.py`` call is a subprocess (cwd ``workdir``, so its ``results/`` go there) whose output is
 kept in ``{workdir}/logs/``; a failed call stops the comparison and prints its log tail. A run whose
@@ -67,6 +69,11 @@ _FAMILY_OF = {"FT": "ce", "LWF": "ce", "ILT": "ce", "MiB": "ce", "PLOP": "ce", "
 _STEP0_METHOD = {"ce": "FT", "lwf-mc": "LWF-MC", "ewc": "EWC", "rw": "RW", "pi": "PI", "ssul": "SSUL"}
 # Methods that train every step with the step-0 learning rate.
 _SAME_LR_AT_EVERY_STEP = {"SSUL"}
+# Upper bound of the learning rate after step 0. LwF-MC's iCaRL term is a BCE summed over the old
+# classes and weighted by icarl_importance (10 x 16 on 15-5): at lr 0.005 its step 1 diverges
+# (NaN within a dozen iterations) from a scratch-trained step 0; 0.002 is stable. The MiB/PLOP
+# papers ran every method at 0.001 there.
+STEP_LR_CAP = {"LWF-MC": 0.002}
 
 
 @dataclass(frozen=True)
@@ -223,7 +230,7 @@ def plan_runs(methods, task_names, seeds, settings: Settings, workdir, data_root
                 steps = pending_steps(workdir, task, name)
                 if not steps:
                     continue
-                lr = settings.lr0 if canonical_method(label)[0] in _SAME_LR_AT_EVERY_STEP else settings.lr
+                lr = incremental_lr(label, settings)
                 argv = [python, script, *common, "--name", name, "--method", label,
                         "--step", *map(str, steps), "--lr", _number(lr), "--epochs", str(settings.epochs)]
                 if steps[0] == 1:
@@ -231,6 +238,13 @@ def plan_runs(methods, task_names, seeds, settings: Settings, workdir, data_root
                 runs.append(Run("method", label, name, task, seed, steps, argv,
                                 _log_path(workdir, task, name, steps)))
     return runs
+
+
+def incremental_lr(method: str, settings: Settings) -> float:
+    """Learning rate of ``method`` after step 0: ``--lr``, SSUL ``--lr0``, capped by STEP_LR_CAP."""
+    name, _ = canonical_method(method)
+    lr = settings.lr0 if name in _SAME_LR_AT_EVERY_STEP else settings.lr
+    return min(lr, STEP_LR_CAP.get(name, math.inf))
 
 
 def _number(value: float) -> str:
@@ -416,7 +430,7 @@ def report_markdown(task: str, table: dict, seeds, settings: Settings, command: 
         f"step-0 family (FT/LWF/ILT/MiB/PLOP/SATS: cross-entropy; LWF-MC, EWC, RW, PI, SSUL: own).", "",
         f"Settings: model {settings.model} (from scratch), crop {settings.crop_size} px, batch "
         f"{settings.batch_size}, step 0: {settings.epochs0} epochs at lr {settings.lr0}, later steps: "
-        f"{settings.epochs} epochs at lr {settings.lr} (SSUL: {settings.lr0}); data "
+        f"{settings.epochs} epochs at lr {settings.lr} ({_lr_exceptions(table, settings)}); data "
         f"{settings.num_train} train + {settings.num_val} val images of {settings.image_size} px.",
     ]
     if command:
@@ -433,6 +447,12 @@ def report_markdown(task: str, table: dict, seeds, settings: Settings, command: 
             rows.append([str(step), str(n_seen)] + [format_cell(per_step[step][k]) for k in ("base", "new", "all")])
         lines += [f"### {label}", ""] + _table(["step", "classes seen", base_name, "new", "all"], rows) + [""]
     return "\n".join(lines)
+
+
+def _lr_exceptions(table: dict, settings: Settings) -> str:
+    other = {label: incremental_lr(label, settings) for label in table}
+    other = {label: lr for label, lr in other.items() if lr != settings.lr}
+    return ", ".join(f"{label}: {lr}" for label, lr in other.items()) or "every method"
 
 
 def report_figure(task: str, table: dict, seeds):
