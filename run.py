@@ -156,7 +156,7 @@ def param_groups(model, opts, step):
         if params:
             groups.append({"params": params, "lr": opts.lr * lr_scale, "weight_decay": opts.weight_decay})
 
-    if not opts.freeze:
+    if not (opts.freeze and step > 0):  # --freeze keeps the step-0 body (SSUL trains it at step 0)
         add(model.body.parameters(), 1.0)
     add(model.head.parameters(), opts.lr_head)
     if opts.lr_old is not None and step > 0:
