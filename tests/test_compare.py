@@ -78,7 +78,7 @@ def test_own_step0_families_and_ssul_learning_rate(tmp_path):
     for label, family in (("EWC", "ewc"), ("SSUL", "ssul"), ("LWF-MC", "lwf-mc"), ("PLOP-M", "ce")):
         run = methods[label]
         assert run.steps == [1, 2, 3, 4, 5] and steps_of(run.argv) == [1, 2, 3, 4, 5]
-        assert option(run.argv, "--step_ckpt").endswith(f"15-1-voc_step0-{family}_s42_0.pth")
+        assert option(run.argv, "--step_ckpt").endswith(f"15-5s-voc_step0-{family}_s42_0.pth")  # run.py names files by the canonical task
     assert option(methods["SSUL"].argv, "--lr") == "0.02"  # SSUL: the step-0 rate at every step
     ssul_step0 = next(r for r in runs if r.name == "step0-ssul_s42")
     assert "--no_freeze" in ssul_step0.argv  # SSUL trains the whole network at step 0
@@ -98,17 +98,17 @@ def test_plan_skips_finished_runs_and_resumes_after_the_last_checkpoint(tmp_path
     work = tmp_path / "work"
     (work / "checkpoints").mkdir(parents=True)
     _write_rows(compare.results_csv(work, "15-1", "step0-ce_s42"), [0])
-    (work / "checkpoints" / "15-1-voc_step0-ce_s42_0.pth").write_bytes(b"")
+    (work / "checkpoints" / "15-5s-voc_step0-ce_s42_0.pth").write_bytes(b"")
     _write_rows(compare.results_csv(work, "15-1", "FT_s42"), [1, 2, 3, 4, 5])
     _write_rows(compare.results_csv(work, "15-1", "MiB_s42"), [1, 2])
-    (work / "checkpoints" / "15-1-voc_MiB_s42_2.pth").write_bytes(b"")
+    (work / "checkpoints" / "15-5s-voc_MiB_s42_2.pth").write_bytes(b"")
     _write_rows(compare.results_csv(work, "15-1", "LWF_s42"), [1, 2])  # step-2 checkpoint lost
 
     runs = plan(tmp_path, ["FT", "MiB", "LWF"], task_names=["15-1"])
     assert [(r.name, r.steps) for r in runs] == [("MiB_s42", [3, 4, 5]), ("LWF_s42", [1, 2, 3, 4, 5])]
     mib, lwf = runs
     assert "--step_ckpt" not in mib.argv  # step 3 chains on MiB's own step-2 file
-    assert option(lwf.argv, "--step_ckpt").endswith("15-1-voc_step0-ce_s42_0.pth")
+    assert option(lwf.argv, "--step_ckpt").endswith("15-5s-voc_step0-ce_s42_0.pth")
 
 
 def test_bad_input_is_refused_with_its_name(tmp_path, capsys):

@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 
 import tasks  # noqa: E402
 from argparser import canonical_method  # noqa: E402
+from tasks import canonical_task  # noqa: E402
 from metrics import summarize_step, summary_labels  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.results import read_results  # noqa: E402
@@ -146,11 +147,12 @@ def seed_values(count: int) -> list:
 
 def results_csv(workdir, task: str, name: str) -> str:
     """Where run.py (started in ``workdir``) writes the results of ``name``."""
-    return os.path.join(workdir, "results", f"{DATE}_{DATASET}_{task}_{name}.csv")
+    return os.path.join(workdir, "results", f"{DATE}_{DATASET}_{canonical_task(DATASET, task)}_{name}.csv")
 
 
 def checkpoint_file(workdir, task: str, name: str, step: int) -> str:
-    return os.path.join(workdir, "checkpoints", f"{task}-{DATASET}_{name}_{step}.pth")
+    # run.py names files after the canonical task (15-1 is the table's 15-5s)
+    return os.path.join(workdir, "checkpoints", f"{canonical_task(DATASET, task)}-{DATASET}_{name}_{step}.pth")
 
 
 # ----------------------------------------------------------------------------------- planning
