@@ -230,9 +230,8 @@ def pseudo_label(
                     raise ValueError("entropy pseudo-labelling needs max_entropy or nb_current_classes")
                 max_entropy = _max_entropy_value(nb_current_classes)
             valid = (plop_entropy(probs) / max_entropy) < per_class[predicted]
-            new_labels[background & ~valid] = 255
-            confident = background & valid
-            new_labels[confident] = predicted[confident]
+            # background pixels: the old prediction where certain, ignore (255) where not
+            new_labels = torch.where(background, torch.where(valid, predicted, 255), labels)
             if adaptive_factor:
                 factor = adaptive_classification_factor(background, valid, adaptive_min_factor)
     return PseudoLabels(new_labels, pixel_weights, factor)
