@@ -750,6 +750,10 @@ def _check_pseudo(opts):
 
 
 def _check_method_options(opts):
+    if opts.data_masking == "all" and not opts.test:
+        raise ValueError("--data_masking all keeps the labels of future classes, which the step's "
+                         "classifier has no channel for (PLOP refused it too); use current, "
+                         "current+old or new")
     if opts.step_threshold is not None:
         raise ValueError("--step_threshold is not supported: PLOP added it to the threshold after "
                          "the thresholds were computed, so it never had an effect; pass --threshold "

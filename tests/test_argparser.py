@@ -340,3 +340,10 @@ def test_unimplemented_plop_experiment_is_refused_and_marked_in_help(capsys):
     helps = {a.dest: a.help for a in ap.get_argparser()._actions}
     assert "not implemented here" in helps["nca"]
     assert "has no effect" in helps["print_interval"]
+
+
+def test_data_masking_all_is_refused_for_training(capsys):
+    with pytest.raises(SystemExit):
+        parse_options(["--data_masking", "all"])
+    assert "future classes" in capsys.readouterr().err
+    assert parse_options(["--data_masking", "all", "--test"]).data_masking == "all"
