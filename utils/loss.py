@@ -243,7 +243,20 @@ class BCEWithLogitsLossWithIgnoreIndex(nn.Module):
 # output distillation
 # --------------------------------------------------------------------------------------------
 
-class KnowledgeDistillationLoss(nn.Module):
+class _OutputDistillation(nn.Module):
+    """Shared by the two KD losses: ``reduction``, the teacher temperature ``alpha`` and
+    ``q = softmax(alpha * z_old)``."""
+
+    def __init__(self, reduction: str = "mean", alpha: float = 1.):
+        super().__init__()
+        self.reduction = _check_reduction(reduction)
+        self.alpha = alpha
+
+    def teacher(self, targets: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(targets.float() * self.alpha, dim=1)
+
+
+class KnowledgeDistillationLoss(_OutputDistillation):
     """LwF / ILT knowledge distillation on the old channels (MiB/PLOP, same name).
 
     ``inputs`` = new logits ``z`` (``C`` channels), ``targets`` = old logits ``z_old`` (``C_o``).
@@ -257,22 +270,17 @@ class KnowledgeDistillationLoss(nn.Module):
     ``'mean'`` still divides by every pixel, ignored (label 255) pixels included.
     """
 
-    def __init__(self, reduction: str = "mean", alpha: float = 1.):
-        super().__init__()
-        self.reduction = _check_reduction(reduction)
-        self.alpha = alpha
-
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check_teacher(inputs, targets)
         old_channels = targets.shape[1]
         log_student = torch.log_softmax(inputs.float()[:, :old_channels], dim=1)
-        teacher = torch.softmax(targets.float() * self.alpha, dim=1)
+        teacher = self.teacher(targets)
         loss = -(log_student * teacher).mean(dim=1)
         return _reduce(_apply_pixel_mask(loss, mask), self.reduction)
 
 
-class UnbiasedKnowledgeDistillationLoss(nn.Module):
+class UnbiasedKnowledgeDistillationLoss(_OutputDistillation):
     """MiB's unbiased knowledge distillation (MiB/PLOP ``UnbiasedKnowledgeDistillationLoss``).
 
     With ``D = logsumexp_{c<C} z_c`` over all new channels and ``q = softmax(alpha * z_old)``::
@@ -287,11 +295,6 @@ class UnbiasedKnowledgeDistillationLoss(nn.Module):
     adds no class; this slices ``1:C_o``, the same channels whenever ``N > 0``.
     """
 
-    def __init__(self, reduction: str = "mean", alpha: float = 1.):
-        super().__init__()
-        self.reduction = _check_reduction(reduction)
-        self.alpha = alpha
-
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check_teacher(inputs, targets)
@@ -301,7 +304,7 @@ class UnbiasedKnowledgeDistillationLoss(nn.Module):
         log_bg = log_probs[:, 0]
         if logits.shape[1] > old_channels:  # log(p_0 + sum of new-class p), no channel copy
             log_bg = torch.logaddexp(log_bg, torch.logsumexp(log_probs[:, old_channels:], dim=1))
-        teacher = torch.softmax(targets.float() * self.alpha, dim=1)
+        teacher = self.teacher(targets)
         old_fg = (teacher[:, 1:] * log_probs[:, 1:old_channels]).sum(dim=1)
         loss = -(teacher[:, 0] * log_bg + old_fg) / old_channels
         return _reduce(_apply_pixel_mask(loss, mask), self.reduction)
