@@ -166,12 +166,31 @@ class IncrementalSegmentationModule(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, ret_intermediate: bool = False, wants: Iterable[str] | None = None, only_bg: bool = False):
         requested = self._requested_extras(ret_intermediate, wants)
-        features = self._features(x, with_attn_maps="attn_maps" in requested)
-        pre_logits = features["pre_logits"]
-        small = self.cls[0](pre_logits) if only_bg else self._classify(pre_logits)
+        fold = not only_bg and self._folds_classifier(requested)
+        features = self._features(x, with_attn_maps="attn_maps" in requested,
+                                  project=self._classifier_map() if fold else None)
+        if fold:
+            small = self._mask_background(features["pre_logits"])
+            features["pre_logits"] = None  # never materialised (not requested)
+        elif only_bg:
+            small = self.cls[0](features["pre_logits"])
+        else:
+            small = self._classify(features["pre_logits"])
         logits = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
         features["sem_logits_small"] = small
         return logits, {name: features[name] for name in requested}
+
+    def _folds_classifier(self, requested) -> bool:
+        """SATS's head and plain 1×1 classifiers are all linear: the classifiers can be folded into
+        the head's per-stage maps (same function, ~C/256 of the head's work) unless someone reads
+        the head output itself."""
+        return (isinstance(self.head, SATSHead) and not self.use_cosine and self.nb_background_modes == 1
+                and not {"pre_logits", "attentions"} & set(requested))
+
+    def _classifier_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All classifiers as one matrix (tot_classes × channels) and bias, in channel order."""
+        weight = torch.cat([conv.weight.flatten(1) for conv in self.cls])
+        return weight, torch.cat([conv.bias for conv in self.cls])
 
     def _requested_extras(self, ret_intermediate: bool, wants) -> list[str]:
         if isinstance(wants, str):
@@ -186,7 +205,7 @@ class IncrementalSegmentationModule(nn.Module):
             raise ValueError("'attn_maps' (encoder self-attention) exists only for SegFormer models, not DeepLab")
         return requested
 
-    def _features(self, x: torch.Tensor, with_attn_maps: bool) -> dict:
+    def _features(self, x: torch.Tensor, with_attn_maps: bool, project=None) -> dict:
         if x.dim() != 4:
             raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
         attn_maps = None
@@ -195,7 +214,7 @@ class IncrementalSegmentationModule(nn.Module):
                 stages, attn_maps = self.body(x, return_attentions=True)
             else:
                 stages = self.body(x)
-            pre_logits = self.head(stages)
+            pre_logits = self.head(stages, project=project) if project is not None else self.head(stages)
             body_out, pyramid, featuremaps = stages[-1], list(stages), list(stages)
         else:
             body_out, pyramid = self.body(x)
@@ -219,7 +238,10 @@ class IncrementalSegmentationModule(nn.Module):
                 outputs.append(self._cosine_logits(conv, pre_logits))
             else:
                 outputs.append(conv(pre_logits))
-        logits = torch.cat(outputs, dim=1)
+        return self._mask_background(torch.cat(outputs, dim=1))
+
+    def _mask_background(self, logits: torch.Tensor) -> torch.Tensor:
+        """``--disable_background``: background logit 0 at evaluation."""
         if self.disable_background and self.in_eval:
             logits = torch.cat([torch.zeros_like(logits[:, :1]), logits[:, 1:]], dim=1)
         return logits

@@ -78,6 +78,7 @@ class Context:
     nb_old: int  # C_o: background + classes of past steps
     nb_current: int  # C: all classes seen so far
     opts: SimpleNamespace
+    old_probs: Optional[torch.Tensor] = None  # softmax(old_logits), when the recipe shares it
 
     @property
     def nb_new(self) -> int:
@@ -100,6 +101,7 @@ class Recipe:
     pseudo: Optional[str] = None  # PLOP modes, or "ssul"
     regularizer: Optional[str] = None
     init: Optional[str] = None  # "balanced" | "unknown" | None
+    share_old_softmax: bool = False  # one softmax(old logits) for the pseudo-labels and the KD teacher
 
     @property
     def new_wants(self) -> set:
@@ -116,7 +118,8 @@ class Recipe:
 
 def _kd_term(ctx: Context) -> torch.Tensor:
     kd = L.UnbiasedKnowledgeDistillationLoss if ctx.opts.unkd else L.KnowledgeDistillationLoss
-    return kd(reduction="mean", alpha=ctx.opts.alpha)(ctx.logits.float(), ctx.old_logits.float())
+    teacher = ctx.old_probs if ctx.opts.alpha == 1 else None  # = softmax(alpha * z_old)
+    return kd(reduction="mean", alpha=ctx.opts.alpha)(ctx.logits.float(), ctx.old_logits.float(), teacher=teacher)
 
 
 def _de_term(ctx: Context) -> torch.Tensor:
@@ -209,6 +212,8 @@ def build_recipe(opts, step: int) -> Recipe:
             recipe.terms.append(LossTerm(name, float(weight(opts)), fn, w, w))
     recipe.pseudo = "ssul" if opts.ssul else opts.pseudo
     recipe.init = "unknown" if opts.w_transfer else ("balanced" if opts.init_balanced else None)
+    recipe.share_old_softmax = (recipe.pseudo not in (None, "ssul")
+                                or (opts.alpha == 1 and any(t.name == "kd" for t in recipe.terms)))
     return recipe
 
 
@@ -299,8 +304,9 @@ class Trainer:
         self.thresholds, self.max_entropy = found.thresholds, found.max_entropy
 
     # ------------------------------------------------------------------ targets
-    def make_targets(self, labels, old_logits, saliency=None):
+    def make_targets(self, labels, old_logits, saliency=None, old_probs=None):
         """Labels for the main criterion: pseudo-labels for PLOP/SATS, unknown/bg for SSUL.
+        ``old_probs`` is ``softmax(old_logits)`` when already computed.
 
         Returns ``(targets, pixel_weights or None, per-image factor or None)``.
         """
@@ -319,6 +325,7 @@ class Trainer:
             adaptive_factor=self.opts.classif_adaptive_factor,
             adaptive_min_factor=self.opts.classif_adaptive_min_factor,
             keep_old_gt=bool(self.opts.mem_size),  # memory samples keep their old-class labels
+            probs_old=old_probs,
         )
         return out.labels, out.pixel_weights, out.adaptive_factor
 
@@ -375,7 +382,8 @@ class Trainer:
             with torch.no_grad(), autocast(self.device, self.amp_dtype):
                 old_logits, old_extras = self.model_old(images, wants=recipe.old_wants)
             old_logits = old_logits.float()
-        targets, pixel_weights, image_factor = self.make_targets(labels, old_logits, saliency)
+        old_probs = torch.softmax(old_logits, dim=1) if recipe.share_old_softmax and old_logits is not None else None
+        targets, pixel_weights, image_factor = self.make_targets(labels, old_logits, saliency, old_probs)
 
         optim.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp_dtype):
@@ -388,7 +396,7 @@ class Trainer:
                 loss_map = loss_map * image_factor  # (B, 1, 1): PLOP's classif_adaptive_factor
             values = {"ce": loss_map.mean()}
             ctx = Context(images, targets, logits, extras, old_logits, old_extras,
-                          self.nb_old, self.nb_current, self.opts)
+                          self.nb_old, self.nb_current, self.opts, old_probs)
             for term in recipe.terms:
                 values[term.name] = term.weight * term.fn(ctx)
             if self.keep_context:

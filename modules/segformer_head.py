@@ -63,16 +63,24 @@ class SATSHead(nn.Module):
         self.to_fused = nn.ModuleList(nn.Sequential(nn.Conv2d(c, channels, 1)) for c in self.in_channels)
         self.to_segmentation = nn.Conv2d(len(self.in_channels) * channels, channels, 1)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: Sequence[torch.Tensor], project=None) -> torch.Tensor:
+        """``project = (P, p)`` (``P``: O × channels) appends a 1×1 conv to the head and folds it
+        into the per-stage maps (``S_i`` → ``P S_i``): returns ``P · out + p`` with O channels,
+        without materialising the ``channels``-wide map (used for the classifiers)."""
         _check_stages(features, self.in_channels)
         size = features[0].shape[-2:]
         fuse = self.to_segmentation.weight.flatten(1).split(self.channels, dim=1)  # S_i blocks
+        out_bias = self.to_segmentation.bias
+        if project is not None:
+            weight, bias = project
+            fuse = [weight @ block for block in fuse]
+            out_bias = weight @ out_bias + bias
         out = None
         for proj, block, x in zip(self.to_fused, fuse, features):
             conv = proj[0]
             bias = block @ conv.bias
             if out is None:
-                bias = bias + self.to_segmentation.bias
+                bias = bias + out_bias
             stage = F.conv2d(x, (block @ conv.weight.flatten(1))[:, :, None, None].to(x.dtype), bias.to(x.dtype))
             out = stage if out is None else _add_nearest_upsampled(out, stage, size)
         return out

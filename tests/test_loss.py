@@ -203,6 +203,57 @@ def test_kd_and_unkd_match_loop_reference(unbiased, new_classes):
     close(cls(reduction="sum", alpha=1.5)(z, z_old, mask), (ref * mask).sum())
 
 
+def unkd_written_out(z, z_old):
+    """The formula as autograd sees it written out (slices, logsumexp), for gradient checks."""
+    old_cl = z_old.shape[1]
+    log_p = torch.log_softmax(z, dim=1)
+    log_bg = torch.logsumexp(torch.cat([log_p[:, :1], log_p[:, old_cl:]], dim=1), dim=1)
+    q = torch.softmax(z_old, dim=1)
+    return -(q[:, 0] * log_bg + (q[:, 1:] * log_p[:, 1:old_cl]).sum(dim=1)) / old_cl
+
+
+@pytest.mark.parametrize("channels,old_channels", [(6, 4), (4, 4), (5, 1)])
+def test_unkd_gradient_equals_the_written_out_formula(channels, old_channels):
+    z = (torch.randn(2, channels, 3, 4, dtype=torch.float64) * 3).requires_grad_()
+    z_old = torch.randn(2, old_channels, 3, 4, dtype=torch.float64) * 3
+    weights = torch.rand(2, 3, 4, dtype=torch.float64)
+    fused = UnbiasedKnowledgeDistillationLoss(reduction="none")(z, z_old)
+    written = unkd_written_out(z, z_old)
+    (g_fused,) = torch.autograd.grad((fused * weights).sum(), z)
+    (g_written,) = torch.autograd.grad((written.float() * weights).sum(), z)
+    close(fused, written.float())
+    assert torch.allclose(g_fused.double(), g_written.double(), atol=1e-6)
+
+
+def test_unkd_gradcheck_and_repeated_backward():
+    from utils.loss import _UnbiasedKDMap
+
+    z = torch.randn(2, 5, 2, 3, dtype=torch.float64, requires_grad=True)
+    q = torch.softmax(torch.randn(2, 3, 2, 3, dtype=torch.float64), dim=1)
+    assert torch.autograd.gradcheck(lambda x: _UnbiasedKDMap.apply(x, q), (z,))
+
+
+def test_unkd_gradient_stays_finite_when_the_background_group_underflows():
+    # p_bg ~ e^-200: the gradient splits q_0 over the group by the student's own shares.
+    z = torch.tensor([0.0, 200.0, -1.0, 0.0]).view(1, 4, 1, 1).requires_grad_()
+    z_old = torch.tensor([5.0, 0.0]).view(1, 2, 1, 1)
+    UnbiasedKnowledgeDistillationLoss()(z, z_old).backward()
+    q0 = 1 / (1 + math.exp(-5.0))
+    group = torch.softmax(torch.tensor([0.0, -1.0, 0.0]), dim=0)  # channels 0, 2, 3
+    expected = torch.stack([-q0 * group[0], torch.tensor(1 - (1 - q0)), -q0 * group[1], -q0 * group[2]]) / 2
+    assert torch.isfinite(z.grad).all()
+    close(z.grad.flatten(), expected)
+
+
+def test_kd_losses_accept_the_teacher_probabilities():
+    z, z_old = torch.randn(2, 6, 3, 3), torch.randn(2, 4, 3, 3)
+    q = torch.softmax(z_old, dim=1)
+    for cls in (KnowledgeDistillationLoss, UnbiasedKnowledgeDistillationLoss):
+        close(cls(reduction="none")(z, z_old, teacher=q), cls(reduction="none")(z, z_old))
+        with pytest.raises(ValueError, match="teacher probabilities"):
+            cls()(z, z_old, teacher=q[:, :3])
+
+
 def test_kd_rejects_a_teacher_with_more_channels():
     with pytest.raises(ValueError, match="old model has 3 channels"):
         KnowledgeDistillationLoss()(torch.randn(1, 2, 2, 2), torch.randn(1, 3, 2, 2))

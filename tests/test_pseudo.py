@@ -97,6 +97,19 @@ def test_entropy_and_adaptive_factor():
     assert torch.equal(same.labels, out.labels) and same.adaptive_factor is None
 
 
+@pytest.mark.parametrize("mode", ["naive", "threshold_0.7", "confidence", "entropy"])
+def test_precomputed_old_probabilities_give_the_same_pseudo_labels(mode):
+    labels = torch.cat([LABELS, torch.tensor([[[3, 0, 0, 3, 0, 255]]])])
+    logits = torch.cat([LOGITS, LOGITS.flip(-1)])
+    kwargs = dict(nb_old_classes=3, nb_current_classes=4, thresholds=torch.tensor([0.3, 0.1, 0.2]))
+    plain = pseudo_label(labels, logits, mode, **kwargs)
+    shared = pseudo_label(labels, logits, mode, probs_old=torch.softmax(logits, dim=1), **kwargs)
+    assert torch.equal(plain.labels, shared.labels)
+    assert (plain.pixel_weights is None) == (shared.pixel_weights is None)
+    if plain.pixel_weights is not None:
+        assert torch.equal(plain.pixel_weights, shared.pixel_weights)
+
+
 def test_keep_old_gt_protects_old_class_ground_truth():
     labels = torch.tensor([[[2, 0, 0, 3, 255, 0]]])  # pixel 0 carries old-class GT (memory sample)
     plop = pseudo_label(labels, LOGITS, "naive", 3)

@@ -90,6 +90,26 @@ def test_logits_are_classifiers_in_step_order(b0_model):
     assert torch.allclose(extras["sem_logits_small"], expected, atol=1e-6)
 
 
+def test_folded_classifiers_give_the_unfolded_logits_and_gradients():
+    """Without a request for the head output, the classifiers are folded into SATS's head."""
+    torch.manual_seed(0)
+    model = make_model(opts(), [16, 2, 3]).train()
+    x = torch.randn(2, 3, 64, 96)
+    weights = torch.randn(2, 21, 64, 96)
+    grads = []
+    for wants in ([], ["pre_logits"]):  # folded, then the published order
+        assert model._folds_classifier(wants) == (wants == [])
+        model.zero_grad()
+        torch.manual_seed(1)  # the same drop-path draws
+        logits, _ = model(x, wants=wants)
+        (logits * weights).sum().backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (folded, g_folded), (unfolded, g_unfolded) = grads
+    assert torch.allclose(folded, unfolded, atol=1e-5)
+    for name, grad in g_unfolded.items():
+        assert torch.allclose(g_folded[name], grad, rtol=1e-3, atol=1e-4), name
+
+
 def test_disable_background_in_eval(b0_model):
     b0_model.disable_background = True
     b0_model.in_eval = True

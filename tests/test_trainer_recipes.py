@@ -108,6 +108,14 @@ def test_recipe_terms_use_their_functions_and_inputs(method):
     assert not build_recipe(options("--method", method), 0).needs_old_model
 
 
+def test_one_old_softmax_serves_pseudo_labels_and_the_kd_teacher():
+    shares = {m: build_recipe(options("--method", m), 1).share_old_softmax for m in EXPECTED_RECIPES}
+    # PLOP/SATS pseudo-labels, or a KD term at alpha 1 (the teacher is then softmax(z_old))
+    assert shares["SATS"] and shares["PLOP"] and shares["MiB"] and shares["LWF"]
+    assert not shares["FT"] and not shares["LWF-MC"] and not shares["SSUL"]
+    assert not build_recipe(options("--method", "MiB", "--alpha", "0.5"), 1).share_old_softmax
+
+
 @pytest.mark.parametrize("method, values", [
     ("LWF", {"unkd": False, "alpha": 1.0}),
     ("ILT", {"unkd": False}),

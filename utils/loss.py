@@ -252,8 +252,15 @@ class _OutputDistillation(nn.Module):
         self.reduction = _check_reduction(reduction)
         self.alpha = alpha
 
-    def teacher(self, targets: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(targets.float() * self.alpha, dim=1)
+    def teacher(self, targets: torch.Tensor, teacher: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``teacher``, when given, is this softmax already computed by the caller."""
+        if teacher is not None:
+            if teacher.shape != targets.shape:
+                raise ValueError(f"teacher probabilities {tuple(teacher.shape)} must have the old logits' "
+                                 f"shape {tuple(targets.shape)}")
+            return teacher.float()
+        targets = targets.float()
+        return torch.softmax(targets if self.alpha == 1 else targets * self.alpha, dim=1)
 
 
 class KnowledgeDistillationLoss(_OutputDistillation):
@@ -271,11 +278,11 @@ class KnowledgeDistillationLoss(_OutputDistillation):
     """
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, teacher: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check_teacher(inputs, targets)
         old_channels = targets.shape[1]
         log_student = torch.log_softmax(inputs.float()[:, :old_channels], dim=1)
-        teacher = self.teacher(targets)
+        teacher = self.teacher(targets, teacher)
         loss = -(log_student * teacher).mean(dim=1)
         return _reduce(_apply_pixel_mask(loss, mask), self.reduction)
 
@@ -293,21 +300,58 @@ class UnbiasedKnowledgeDistillationLoss(_OutputDistillation):
     included) are the original's scale, reproduced. ``mask`` multiplies the per-pixel loss.
     The original slices the old classes as ``1:-N`` (``N`` new classes), which is empty when a step
     adds no class; this slices ``1:C_o``, the same channels whenever ``N > 0``.
+
+    The per-pixel loss is one autograd node with its closed-form gradient (see
+    ``_UnbiasedKDMap``), instead of the dozen slicing nodes of the written-out formula.
     """
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, teacher: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check_teacher(inputs, targets)
-        logits = inputs.float()
-        old_channels = targets.shape[1]
-        log_probs = torch.log_softmax(logits, dim=1)  # z_c - D, one fused kernel
-        log_bg = log_probs[:, 0]
-        if logits.shape[1] > old_channels:  # log(p_0 + sum of new-class p), no channel copy
-            log_bg = torch.logaddexp(log_bg, torch.logsumexp(log_probs[:, old_channels:], dim=1))
-        teacher = self.teacher(targets)
-        old_fg = (teacher[:, 1:] * log_probs[:, 1:old_channels]).sum(dim=1)
-        loss = -(teacher[:, 0] * log_bg + old_fg) / old_channels
+        loss = _UnbiasedKDMap.apply(inputs.float(), self.teacher(targets, teacher))
         return _reduce(_apply_pixel_mask(loss, mask), self.reduction)
+
+
+class _UnbiasedKDMap(torch.autograd.Function):
+    """Per-pixel unbiased KD ``l(z, q)`` (see ``UnbiasedKnowledgeDistillationLoss``), shape (B, ...).
+
+    With ``p = softmax(z)``, ``p_bg = p_0 + sum_{c >= C_o} p_c`` and ``sum_c q_c = 1``::
+
+        dl/dz_j = (p_j - t_j) / C_o,   t_j = q_j                 for 1 <= j < C_o
+                                       t_j = q_0 * p_j / p_bg    for j = 0 and j >= C_o
+
+    i.e. a soft cross-entropy whose target splits ``q_0`` over the background group in
+    proportion to the student's own probabilities. ``q`` is a constant (the teacher).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        old_channels = teacher.shape[1]
+        log_p = torch.log_softmax(logits, dim=1)
+        log_bg = log_p[:, 0]
+        if logits.shape[1] > old_channels:
+            log_bg = torch.logaddexp(log_bg, torch.logsumexp(log_p[:, old_channels:], dim=1))
+        # sum_{c < C_o} q_c log p_c, then swap the background term: q_0 (log p_bg - log p_0)
+        cross = torch.linalg.vecdot(teacher, log_p[:, :old_channels], dim=1)
+        loss = (cross + teacher[:, 0] * (log_bg - log_p[:, 0])).div_(-old_channels)
+        ctx.save_for_backward(log_p, teacher, log_bg)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        log_p, teacher, log_bg = ctx.saved_tensors
+        old_channels = teacher.shape[1]
+        log_bg = log_bg.unsqueeze(1)
+        # background group j: p_j - q_0 p_j / p_bg = r_j (p_bg - q_0), r_j = exp(log p_j - log p_bg) <= 1,
+        # a form that stays finite when p_bg underflows
+        factor = log_bg.exp() - teacher[:, :1]
+        grad = log_p.exp()
+        grad[:, :1] = (log_p[:, :1] - log_bg).exp_().mul_(factor)
+        if grad.shape[1] > old_channels:
+            grad[:, old_channels:] = (log_p[:, old_channels:] - log_bg).exp_().mul_(factor)
+        grad[:, 1:old_channels] -= teacher[:, 1:]
+        grad *= grad_loss.unsqueeze(1) / old_channels
+        return grad, None
 
 
 class IcarlLoss(nn.Module):

@@ -179,6 +179,7 @@ def pseudo_label(
     adaptive_factor: bool = False,
     adaptive_min_factor: float = 0.0,
     keep_old_gt: bool = False,
+    probs_old: Optional[torch.Tensor] = None,
 ) -> PseudoLabels:
     """PLOP pseudo-labels for one batch (call only at step > 0). See the module docstring.
 
@@ -194,6 +195,7 @@ def pseudo_label(
         adaptive_factor: return PLOP's ``classif_adaptive_factor`` (entropy modes only).
         adaptive_min_factor: lower clamp of that factor when non-zero.
         keep_old_gt: relabel only pixels labelled 0 instead of all ``labels < C_o``.
+        probs_old: ``softmax(logits_old)`` if the caller already has it (not recomputed).
     """
     kind, value = parse_pseudo_mode(mode)
     _check_label_logits(labels, logits_old, nb_old_classes)
@@ -205,7 +207,7 @@ def pseudo_label(
 
     new_labels = labels.clone()
     background = (labels == 0) if keep_old_gt else (labels < nb_old_classes)
-    probs = torch.softmax(logits_old.float(), dim=1)
+    probs = probs_old if probs_old is not None else torch.softmax(logits_old.float(), dim=1)
     max_probs, predicted = probs.max(dim=1)
 
     pixel_weights = None
