@@ -547,6 +547,9 @@ def _add_performance_options(parser):
                    help="mixed precision with torch.amp (apex's level names): O0 fp32; O1 fp16 "
                         "autocast + GradScaler on CUDA (bf16 autocast on CPU); O2/O3 bf16 autocast; "
                         "distillation terms are computed in fp32")
+    g.add_argument("--sequential_old_model", action="store_true", default=False,
+                   help="run the previous step's model in the training thread, before the new model "
+                        "(default: on a side thread, overlapping the new model's forward; same values)")
 
 
 def _add_compatibility_options(parser):

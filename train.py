@@ -4,9 +4,9 @@ A method is a *recipe* (see :func:`build_recipe`): the main criterion, a list of
 terms, the pseudo-labelling mode, the regularizer and the intermediate outputs each model must
 return. The training iteration below reads top to bottom and never names a method:
 
-    old_out = old_model(images, wants)          (only when a term or the pseudo-labels need it)
+    old_out = old_model(images, wants)          (only when a term or the pseudo-labels need it;
+    out     = model(images, wants)               on a side thread, overlapping the new forward)
     labels  = recipe.make_targets(labels, old_out)
-    out     = model(images, wants)
     loss    = criterion(out, labels) + sum(w_t * term_t(out, old_out, labels))
     backward ; regularizer.update() ; penalty backward ; optimiser step ; scheduler step
 
@@ -16,6 +16,7 @@ criterion is a per-pixel map averaged over *all* pixels, ignored ones counting a
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable, Optional
@@ -28,6 +29,7 @@ from utils import distributed as dist_utils
 from utils import loss as L
 from utils import pseudo as pseudo_utils
 from utils import ssul as ssul_utils
+from utils.reduce import channel_argmax
 from utils.regularizer import get_regularizer
 
 IGNORE = 255
@@ -250,6 +252,7 @@ class Trainer:
         self.nan_skips = 0
         self.global_iter = 0
         self.keep_context = False  # benchmarks read the last batch's Context
+        self._old_executor = None
         self.last_context = None
 
         self.regularizer = None
@@ -358,18 +361,21 @@ class Trainer:
         n_batches = 0
         bar = tqdm(train_loader, desc=f"step {self.step} epoch {cur_epoch + 1}", leave=False,
                    disable=not dist_utils.is_main_process() or not self.opts.progress)
-        for batch in bar:
-            if memory_iter is not None:
-                batch = _mix_in_memory(batch, next(memory_iter))
-            terms = self.train_iteration(batch, optim, scheduler)
-            n_batches += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
-            if logger is not None:
+        try:
+            for batch in bar:
+                if memory_iter is not None:
+                    batch = _mix_in_memory(batch, next(memory_iter))
+                terms = self.train_iteration(batch, optim, scheduler)
+                n_batches += 1
                 for k, v in terms.items():
-                    logger.add_scalar(f"Train/{k}", v, self.global_iter)
-                logger.add_scalar("Train/lr", optim.param_groups[0]["lr"], self.global_iter)
+                    sums[k] = sums.get(k, 0.0) + v
+                bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
+                if logger is not None:
+                    for k, v in terms.items():
+                        logger.add_scalar(f"Train/{k}", v, self.global_iter)
+                    logger.add_scalar("Train/lr", optim.param_groups[0]["lr"], self.global_iter)
+        finally:
+            self.close()  # no idle thread left behind between epochs (loader workers fork there)
         means = {k: v / max(n_batches, 1) for k, v in sums.items()}
         return _all_reduce_dict(means, self.device)
 
@@ -377,17 +383,21 @@ class Trainer:
         images, labels, saliency = _unpack(batch, self.device)
         recipe = self.recipe
 
-        old_logits, old_extras = None, {}
+        # The frozen old model runs on a side thread while this one runs the new model's forward:
+        # the two forwards are independent, and a CPU step leaves cores idle between small ops.
+        old_outputs = None
         if self.model_old is not None and recipe.needs_old_model:
-            with torch.no_grad(), autocast(self.device, self.amp_dtype):
-                old_logits, old_extras = self.model_old(images, wants=recipe.old_wants)
-            old_logits = old_logits.float()
-        old_probs = torch.softmax(old_logits, dim=1) if recipe.share_old_softmax and old_logits is not None else None
-        targets, pixel_weights, image_factor = self.make_targets(labels, old_logits, saliency, old_probs)
+            if self.opts.sequential_old_model:
+                old_outputs = _Done(self._old_forward(images))
+            else:
+                old_outputs = self._old_thread().submit(self._old_forward, images)
 
         optim.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp_dtype):
             logits, extras = self.model(images, wants=recipe.new_wants)
+
+        old_logits, old_extras, old_probs = old_outputs.result() if old_outputs is not None else (None, {}, None)
+        targets, pixel_weights, image_factor = self.make_targets(labels, old_logits, saliency, old_probs)
         with fp32(self.device):
             loss_map = self.criterion_map(logits, targets, old_logits)
             if pixel_weights is not None:
@@ -413,6 +423,28 @@ class Trainer:
             scheduler.step()
         self.global_iter += 1
         return {k: float(v.detach()) for k, v in values.items()}
+
+    def _old_forward(self, images):
+        """``(logits (fp32), extras, softmax(logits) if the recipe shares it)`` of the old model.
+
+        Grad mode, autocast and the current CUDA device are per thread: all are set here."""
+        device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with device, torch.no_grad(), autocast(self.device, self.amp_dtype):
+            logits, extras = self.model_old(images, wants=self.recipe.old_wants)
+            logits = logits.float()
+            probs = torch.softmax(logits, dim=1) if self.recipe.share_old_softmax else None
+        return logits, extras, probs
+
+    def _old_thread(self) -> ThreadPoolExecutor:
+        if self._old_executor is None:
+            self._old_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="old-model")
+        return self._old_executor
+
+    def close(self) -> None:
+        """Stop the old model's side thread (a new one starts if the trainer is used again)."""
+        if self._old_executor is not None:
+            self._old_executor.shutdown(wait=True)
+            self._old_executor = None
 
     def _backward(self, loss):
         if self.scaler is not None:
@@ -494,13 +526,23 @@ class Trainer:
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         if self.opts.ssul:
-            return ssul_utils.ssul_fold_unknown(logits).argmax(dim=1)
-        return logits.argmax(dim=1)
+            return channel_argmax(ssul_utils.ssul_fold_unknown(logits))
+        return channel_argmax(logits)
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+class _Done:
+    """An already computed result with the ``Future.result()`` interface."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
 def _unwrap(model):
     return getattr(model, "module", model) if model is not None else None
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from utils.reduce import channel_max
 from utils.ssul import ssul_pseudo_label
 
 __all__ = [
@@ -121,7 +122,7 @@ def softmax_memory_pseudo_labels(labels: torch.Tensor, logits_old: torch.Tensor,
     """SSUL's memory pseudo-labels for a softmax model (its ``ce_loss`` branch), label space in
     and out: ``p = softmax(z_old)``; background pixels (0) where ``argmax p > 0`` and
     ``max p >= threshold`` get ``argmax p``."""
-    scores, predicted = torch.softmax(logits_old.float(), dim=1).max(dim=1)
+    scores, predicted = channel_max(torch.softmax(logits_old.float(), dim=1))
     relabel = (labels == 0) & (predicted > 0) & (scores >= threshold)
     return torch.where(relabel, predicted, labels)
 

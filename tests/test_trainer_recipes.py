@@ -352,3 +352,28 @@ def test_ewc_penalty_at_step_1_weights_the_drift_by_the_normalised_previous_fish
     assert set(values) == {"ce", "reg"}
     assert float(expected) > 0
     assert_term(values["reg"], 100 * expected)
+
+
+def test_old_model_side_thread_gives_the_sequential_updates():
+    """The old model's forward on a side thread (default) and in the training thread
+    (``--sequential_old_model``) give the same losses and the same weights, bit for bit."""
+    import threading
+
+    images, labels = step1_batch()
+    results = []
+    for extra in ([], ["--sequential_old_model"]):
+        opts = options("--method", "SATS", *extra)
+        new, old = model_pair(opts)
+        trainer = Trainer(new, old, CPU, opts, classes=[OLD_CLASSES, NEW_CLASSES], step=1)
+        trainer.before([(images, labels)])
+        optim = torch.optim.SGD(new.parameters(), lr=0.01, momentum=0.9)
+        torch.manual_seed(5)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat([images, images.flip(-1)]),
+                                                                            torch.cat([labels, labels.flip(-1)])),
+                                             batch_size=2)
+        losses = trainer.train(0, optim, loader)
+        assert not any(t.name.startswith("old-model") for t in threading.enumerate())  # closed
+        results.append((losses, [p.detach().clone() for p in new.parameters()]))
+    (threaded, w_threaded), (sequential, w_sequential) = results
+    assert threaded == sequential and set(threaded) == {"ce", "kd", "sats"}
+    assert all(torch.equal(a, b) for a, b in zip(w_threaded, w_sequential))

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.reduce import channel_argmax
+
 __all__ = [
     "UnbiasedCrossEntropy",
     "KnowledgeDistillationLoss",
@@ -688,7 +690,7 @@ def _pod_mask(labels: torch.Tensor, index_new_class: int, apply_mask: str,
     if outputs_old is None:
         raise ValueError("apply_mask='old' needs outputs_old (the old model's full-size logits)")
     background = labels == 0
-    pseudo = torch.where(background, outputs_old.argmax(dim=1), labels)
+    pseudo = torch.where(background, channel_argmax(outputs_old), labels)
     return (labels < index_new_class) & (pseudo > 0)
 
 

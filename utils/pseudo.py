@@ -48,6 +48,8 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from utils.reduce import channel_max
+
 __all__ = [
     "PSEUDO_KINDS",
     "PseudoLabels",
@@ -208,7 +210,7 @@ def pseudo_label(
     new_labels = labels.clone()
     background = (labels == 0) if keep_old_gt else (labels < nb_old_classes)
     probs = probs_old if probs_old is not None else torch.softmax(logits_old.float(), dim=1)
-    max_probs, predicted = probs.max(dim=1)
+    max_probs, predicted = channel_max(probs)
 
     pixel_weights = None
     factor = None
@@ -301,7 +303,7 @@ def accumulate_histogram(
     """
     nb_bins = histogram.shape[1]
     probs = torch.softmax(logits_old.float(), dim=1)
-    max_probs, predicted = probs.max(dim=1)
+    max_probs, predicted = channel_max(probs)
     background = labels == 0
     if statistic == "entropy":
         if max_entropy is None:

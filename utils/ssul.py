@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from utils.reduce import channel_max
+
 __all__ = [
     "UNKNOWN_CHANNEL",
     "BACKGROUND_CHANNEL",
@@ -92,7 +94,7 @@ def ssul_pseudo_label(targets: torch.Tensor, logits_old: torch.Tensor, threshold
         raise ValueError(
             f"targets {tuple(targets.shape)} and logits_old {tuple(logits_old.shape)} must be (B, H, W) and (B, C, H, W)"
         )
-    scores, predicted = torch.sigmoid(logits_old.float()).max(dim=1)
+    scores, predicted = channel_max(torch.sigmoid(logits_old.float()))
     relabel = (targets <= BACKGROUND_CHANNEL) & (predicted > BACKGROUND_CHANNEL) & (scores >= threshold)
     return torch.where(relabel, predicted, targets)
 

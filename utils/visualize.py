@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.reduce import channel_argmax
+
 __all__ = [
     "ClassFeatures",
     "load_model",
@@ -486,7 +488,7 @@ def predict_labels(model, image, device="cpu"):
         from utils.ssul import ssul_fold_unknown
 
         logits = ssul_fold_unknown(logits)
-    return logits.argmax(dim=1)[0].cpu()
+    return channel_argmax(logits)[0].cpu()
 
 
 def overlay_figure(model, dataset, indices, device="cpu", dataset_name="voc", alpha=0.5,
