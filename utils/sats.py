@@ -48,6 +48,7 @@ no epsilon biases the value.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from typing import Sequence
@@ -94,6 +95,11 @@ def pil_nearest_indices(in_size: int, out_size: int) -> list[int]:
     return indices
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_indices(in_size: int, out_size: int) -> tuple[int, ...]:
+    return tuple(pil_nearest_indices(in_size, out_size))
+
+
 def downscale_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Resize integer label maps (B, H, W) to ``size`` = (h, w) exactly as PIL NEAREST does.
 
@@ -110,8 +116,8 @@ def downscale_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     out_h, out_w = int(size[0]), int(size[1])
     if (height, width) == (out_h, out_w):
         return labels.long()
-    rows = torch.tensor(pil_nearest_indices(height, out_h), device=labels.device)
-    cols = torch.tensor(pil_nearest_indices(width, out_w), device=labels.device)
+    rows = torch.tensor(_cached_indices(height, out_h), device=labels.device)
+    cols = torch.tensor(_cached_indices(width, out_w), device=labels.device)
     return labels.long().index_select(1, rows).index_select(2, cols)
 
 
@@ -156,37 +162,39 @@ def infer_spatial_shapes(num_positions: Sequence[int], label_size: Sequence[int]
 
 def _present_classes(label_maps: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sorted class ids (excluding background and ignore) present in any of the label maps."""
-    values = torch.unique(torch.cat([m.reshape(-1) for m in label_maps]))
-    return values[(values != BACKGROUND) & (values != IGNORE_INDEX)]
+    counts = torch.bincount(torch.cat([m.reshape(-1) for m in label_maps]), minlength=IGNORE_INDEX + 1)
+    counts[[BACKGROUND, IGNORE_INDEX]] = 0
+    return counts.nonzero().flatten()
 
 
-def _class_masks(labels_small: torch.Tensor, classes: torch.Tensor, dtype) -> torch.Tensor:
-    """One-hot masks (B, K, L): [b, k, l] = 1 where labels_small[b, l] == classes[k]."""
-    flat = labels_small.reshape(labels_small.shape[0], 1, -1)
-    return (flat == classes.view(1, -1, 1)).to(dtype)
+def _class_weights(labels_small: torch.Tensor, classes: torch.Tensor, dtype):
+    """Averaging weights (B, K, L), 1/n_bk on the tokens of class k in image b, and n (B, K)."""
+    masks = (labels_small.reshape(labels_small.shape[0], 1, -1) == classes.view(1, -1, 1)).to(dtype)
+    counts = masks.sum(dim=-1)
+    return masks / counts.clamp_min(1).unsqueeze(-1), counts
 
 
 # ----------------------------------------------------------------------------------------------
 # Pooling
 # ----------------------------------------------------------------------------------------------
 
-def _token_major(attn: torch.Tensor, legacy_layout: bool) -> torch.Tensor:
-    """(B, heads, L, S) -> (B, L, heads, S): slot [b, p, k] holds the row of token p, head k.
+def _head_major(attn: torch.Tensor, legacy_layout: bool) -> torch.Tensor:
+    """Rows as (B, heads, L, S): slot [b, k, p] holds the row of token p, head k.
 
-    With ``legacy_layout`` the memory is re-read without moving the head axis (the published
-    reshape), so slot [b, p, k] holds head f // L, token f % L with f = p * heads + k.
+    With ``legacy_layout`` the memory is re-read as (B, L, heads, S) without moving the head axis
+    (the published reshape), so slot [b, k, p] holds head f // L, token f % L with f = p * heads + k.
     """
-    batch, heads, positions, keys = attn.shape
     if legacy_layout:
-        return attn.reshape(batch, positions, heads, keys)
-    return attn.transpose(1, 2)
+        batch, heads, positions, keys = attn.shape
+        return attn.reshape(batch, positions, heads, keys).transpose(1, 2)
+    return attn
 
 
-def _pool_by_class(rows: torch.Tensor, labels_small: torch.Tensor, classes: torch.Tensor):
-    """Sum and count of token rows (B, L, heads, S) per class: ((B, K, heads, S), (B, K))."""
-    masks = _class_masks(labels_small, classes, rows.dtype)
-    sums = torch.einsum("bkl,blhs->bkhs", masks, rows)
-    return sums, masks.sum(dim=-1)
+def _pool(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sums of rows (B, heads, L, S) by weights (B, K, L): (B, K, heads, S).
+
+    One batched product per head, broadcasting the weights: the rows are never transposed or copied."""
+    return torch.matmul(weights.unsqueeze(1), rows).transpose(1, 2)
 
 
 def class_pooled_attention(attn: torch.Tensor, labels_small: torch.Tensor,
@@ -213,9 +221,8 @@ def class_pooled_attention(attn: torch.Tensor, labels_small: torch.Tensor,
     if classes is None:
         classes = _present_classes([labels_flat])
     classes = classes.to(labels_flat.device)
-    sums, counts = _pool_by_class(_token_major(attn, legacy_layout), labels_flat, classes)
-    pooled = sums / counts.clamp_min(1)[..., None, None]
-    return pooled, counts, classes
+    weights, counts = _class_weights(labels_flat, classes, attn.dtype)
+    return _pool(_head_major(attn, legacy_layout), weights), counts, classes
 
 
 def _l2(x: torch.Tensor) -> torch.Tensor:
@@ -225,21 +232,19 @@ def _l2(x: torch.Tensor) -> torch.Tensor:
 
 def _class_region_distance(diff_rows: torch.Tensor, labels_small: torch.Tensor,
                            classes: torch.Tensor) -> torch.Tensor:
-    """Per-image loss (B,) from token rows of new - old, (B, L, heads, S).
+    """Per-image loss (B,) from rows of new - old, (B, heads, L, S).
 
     Pooling is linear, so pooling the difference equals the difference of the pooled rows.
     """
-    sums, counts = _pool_by_class(diff_rows, labels_small, classes)
-    pooled_diff = sums / counts.clamp_min(1)[..., None, None]
-    per_class = _l2(pooled_diff).mean(dim=-1)  # (B, K): mean over heads
+    weights, counts = _class_weights(labels_small, classes, diff_rows.dtype)
+    per_class = _l2(_pool(diff_rows, weights)).mean(dim=-1)  # (B, K): mean over heads
     present = (counts > 0).to(per_class.dtype)
-    n_present = present.sum(dim=1)
-    return (per_class * present).sum(dim=1) / n_present.clamp_min(1)
+    return (per_class * present).sum(dim=1) / present.sum(dim=1).clamp_min(1)
 
 
 def _global_pooled_distance(diff_rows: torch.Tensor) -> torch.Tensor:
     """Per-image GP loss (B,): L2 of the position-averaged rows per head, mean over heads."""
-    return _l2(diff_rows.mean(dim=1)).mean(dim=-1)
+    return _l2(diff_rows.mean(dim=2)).mean(dim=-1)
 
 
 def _unpooled_distance(diff_rows: torch.Tensor) -> torch.Tensor:
@@ -292,11 +297,11 @@ def _grids(new_maps, labels, variant, spatial_shapes):
 
 
 def _rows(new, old, variant, legacy_layout):
-    """Token rows (B, L, heads, S) of new - old; feature maps become (B, L, 1, C)."""
+    """Rows (B, heads, L, S) of new - old; feature maps (B, C, h, w) become (B, 1, L, C)."""
     diff = new - old
     if variant == "sats-feature-CNN":
-        return diff.flatten(2).transpose(1, 2).unsqueeze(2)
-    return _token_major(diff, legacy_layout)
+        return diff.flatten(2).transpose(1, 2).unsqueeze(1)
+    return _head_major(diff, legacy_layout)
 
 
 def sats_loss(attentions_new: Sequence[torch.Tensor], attentions_old: Sequence[torch.Tensor],
