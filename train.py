@@ -4,9 +4,9 @@ A method is a *recipe* (see :func:`build_recipe`): the main criterion, a list of
 terms, the pseudo-labelling mode, the regularizer and the intermediate outputs each model must
 return. The training iteration below reads top to bottom and never names a method:
 
-    old_out = old_model(images, wants)          (only when a term or the pseudo-labels need it;
-    out     = model(images, wants)               on a side thread, overlapping the new forward)
+    old_out = old_model(images, wants)          (only when a term or the pseudo-labels need it)
     labels  = recipe.make_targets(labels, old_out)
+    out     = model(images, wants)               (the two lines above run on a side thread meanwhile)
     loss    = criterion(out, labels) + sum(w_t * term_t(out, old_out, labels))
     backward ; regularizer.update() ; penalty backward ; optimiser step ; scheduler step
 
@@ -383,21 +383,20 @@ class Trainer:
         images, labels, saliency = _unpack(batch, self.device)
         recipe = self.recipe
 
-        # The frozen old model runs on a side thread while this one runs the new model's forward:
-        # the two forwards are independent, and a CPU step leaves cores idle between small ops.
-        old_outputs = None
-        if self.model_old is not None and recipe.needs_old_model:
-            if self.opts.sequential_old_model:
-                old_outputs = _Done(self._old_forward(images))
-            else:
-                old_outputs = self._old_thread().submit(self._old_forward, images)
+        # The frozen old model and the targets built from it (pseudo-labels) run on a side thread
+        # while this one runs the new model's forward: they do not depend on it, and a CPU step
+        # leaves cores idle between small ops.
+        uses_old = self.model_old is not None and recipe.needs_old_model
+        if uses_old and not self.opts.sequential_old_model:
+            pending = self._old_thread().submit(self._old_outputs_and_targets, images, labels, saliency)
+        else:
+            pending = _Done(self._old_outputs_and_targets(images, labels, saliency))
 
         optim.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp_dtype):
             logits, extras = self.model(images, wants=recipe.new_wants)
 
-        old_logits, old_extras, old_probs = old_outputs.result() if old_outputs is not None else (None, {}, None)
-        targets, pixel_weights, image_factor = self.make_targets(labels, old_logits, saliency, old_probs)
+        (old_logits, old_extras, old_probs), (targets, pixel_weights, image_factor) = pending.result()
         with fp32(self.device):
             loss_map = self.criterion_map(logits, targets, old_logits)
             if pixel_weights is not None:
@@ -424,16 +423,19 @@ class Trainer:
         self.global_iter += 1
         return {k: float(v.detach()) for k, v in values.items()}
 
-    def _old_forward(self, images):
-        """``(logits (fp32), extras, softmax(logits) if the recipe shares it)`` of the old model.
+    def _old_outputs_and_targets(self, images, labels, saliency):
+        """``((old logits (fp32), old extras, their softmax if the recipe shares it), make_targets(...))``.
 
         Grad mode, autocast and the current CUDA device are per thread: all are set here."""
-        device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with device, torch.no_grad(), autocast(self.device, self.amp_dtype):
-            logits, extras = self.model_old(images, wants=self.recipe.old_wants)
-            logits = logits.float()
-            probs = torch.softmax(logits, dim=1) if self.recipe.share_old_softmax else None
-        return logits, extras, probs
+        old_logits, old_extras, old_probs = None, {}, None
+        if self.model_old is not None and self.recipe.needs_old_model:
+            device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+            with device, torch.no_grad(), autocast(self.device, self.amp_dtype):
+                old_logits, old_extras = self.model_old(images, wants=self.recipe.old_wants)
+                old_logits = old_logits.float()
+                if self.recipe.share_old_softmax:
+                    old_probs = torch.softmax(old_logits, dim=1)
+        return (old_logits, old_extras, old_probs), self.make_targets(labels, old_logits, saliency, old_probs)
 
     def _old_thread(self) -> ThreadPoolExecutor:
         if self._old_executor is None:
