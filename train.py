@@ -16,6 +16,7 @@ criterion is a per-pixel map averaged over *all* pixels, ignored ones counting a
 from __future__ import annotations
 
 import contextlib
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -86,6 +87,12 @@ class Context:
     def nb_new(self) -> int:
         return self.nb_current - self.nb_old
 
+    @functools.cached_property
+    def log_probs(self) -> torch.Tensor:
+        """``log_softmax(logits)`` over all channels in fp32, computed once: the CE criterion and
+        UNKD both read it (one backward through it for their summed gradients)."""
+        return torch.log_softmax(self.logits.float(), dim=1)
+
 
 @dataclass
 class LossTerm:
@@ -121,7 +128,9 @@ class Recipe:
 def _kd_term(ctx: Context) -> torch.Tensor:
     kd = L.UnbiasedKnowledgeDistillationLoss if ctx.opts.unkd else L.KnowledgeDistillationLoss
     teacher = ctx.old_probs if ctx.opts.alpha == 1 else None  # = softmax(alpha * z_old)
-    return kd(reduction="mean", alpha=ctx.opts.alpha)(ctx.logits.float(), ctx.old_logits.float(), teacher=teacher)
+    shared = {"log_probs": ctx.log_probs} if ctx.opts.unkd else {}
+    return kd(reduction="mean", alpha=ctx.opts.alpha)(ctx.logits.float(), ctx.old_logits.float(), teacher=teacher,
+                                                      **shared)
 
 
 def _de_term(ctx: Context) -> torch.Tensor:
@@ -333,12 +342,14 @@ class Trainer:
         return out.labels, out.pixel_weights, out.adaptive_factor
 
     # ------------------------------------------------------------------ criterion
-    def criterion_map(self, logits, targets, old_logits=None) -> torch.Tensor:
-        """Per-pixel main loss ``(B, H, W)``, ignored pixels 0 (SSUL: its scalar mean over valid pixels)."""
+    def criterion_map(self, logits, targets, old_logits=None, log_probs=None) -> torch.Tensor:
+        """Per-pixel main loss ``(B, H, W)``, ignored pixels 0 (SSUL: its scalar mean over valid pixels).
+        ``log_probs`` is ``log_softmax(logits)`` when already computed."""
         logits = logits.float()
         kind = self.recipe.criterion
-        if kind == "ce":
-            return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+        if kind == "ce":  # = F.cross_entropy(logits, targets), whose first op is this log-softmax
+            log_probs = torch.log_softmax(logits, dim=1) if log_probs is None else log_probs
+            return F.nll_loss(log_probs, targets, ignore_index=IGNORE, reduction="none")
         if kind == "unce":
             return L.UnbiasedCrossEntropy(old_cl=self.nb_old, reduction="none")(logits, targets)
         if kind == "bce":
@@ -398,14 +409,15 @@ class Trainer:
 
         (old_logits, old_extras, old_probs), (targets, pixel_weights, image_factor) = pending.result()
         with fp32(self.device):
-            loss_map = self.criterion_map(logits, targets, old_logits)
+            ctx = Context(images, targets, logits, extras, old_logits, old_extras,
+                          self.nb_old, self.nb_current, self.opts, old_probs)
+            log_probs = ctx.log_probs if recipe.criterion == "ce" else None
+            loss_map = self.criterion_map(logits, targets, old_logits, log_probs)
             if pixel_weights is not None:
                 loss_map = loss_map * pixel_weights
             if image_factor is not None:
                 loss_map = loss_map * image_factor  # (B, 1, 1): PLOP's classif_adaptive_factor
             values = {"ce": loss_map.mean()}
-            ctx = Context(images, targets, logits, extras, old_logits, old_extras,
-                          self.nb_old, self.nb_current, self.opts, old_probs)
             for term in recipe.terms:
                 values[term.name] = term.weight * term.fn(ctx)
             if self.keep_context:

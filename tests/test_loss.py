@@ -252,6 +252,11 @@ def test_kd_losses_accept_the_teacher_probabilities():
         close(cls(reduction="none")(z, z_old, teacher=q), cls(reduction="none")(z, z_old))
         with pytest.raises(ValueError, match="teacher probabilities"):
             cls()(z, z_old, teacher=q[:, :3])
+    log_p = torch.log_softmax(z, dim=1)  # the trainer shares the criterion's log-softmax with UNKD
+    unkd = UnbiasedKnowledgeDistillationLoss(reduction="none")
+    close(unkd(z, z_old, log_probs=log_p), unkd(z, z_old))
+    with pytest.raises(ValueError, match="log_probs"):
+        unkd(z, z_old, log_probs=log_p[:, :5])
 
 
 def test_kd_rejects_a_teacher_with_more_channels():

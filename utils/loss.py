@@ -303,35 +303,45 @@ class UnbiasedKnowledgeDistillationLoss(_OutputDistillation):
     The original slices the old classes as ``1:-N`` (``N`` new classes), which is empty when a step
     adds no class; this slices ``1:C_o``, the same channels whenever ``N > 0``.
 
-    The per-pixel loss is one autograd node with its closed-form gradient (see
-    ``_UnbiasedKDMap``), instead of the dozen slicing nodes of the written-out formula.
+    The per-pixel loss is one autograd node on ``log_softmax(z)`` with its closed-form gradient
+    (see ``_UnbiasedKDMap``), instead of the dozen slicing nodes of the written-out formula;
+    ``log_probs`` takes that log-softmax when the caller already has it (the trainer shares it
+    with the cross-entropy criterion).
     """
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
-                mask: Optional[torch.Tensor] = None, teacher: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, teacher: Optional[torch.Tensor] = None,
+                log_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check_teacher(inputs, targets)
-        loss = _UnbiasedKDMap.apply(inputs.float(), self.teacher(targets, teacher))
+        if log_probs is None:
+            log_probs = torch.log_softmax(inputs.float(), dim=1)
+        elif log_probs.shape != inputs.shape:
+            raise ValueError(f"log_probs {tuple(log_probs.shape)} must have the logits' shape {tuple(inputs.shape)}")
+        loss = _UnbiasedKDMap.apply(log_probs, self.teacher(targets, teacher))
         return _reduce(_apply_pixel_mask(loss, mask), self.reduction)
 
 
 class _UnbiasedKDMap(torch.autograd.Function):
-    """Per-pixel unbiased KD ``l(z, q)`` (see ``UnbiasedKnowledgeDistillationLoss``), shape (B, ...).
+    """Per-pixel unbiased KD from ``log p = log_softmax(z)`` and the teacher ``q``, shape (B, ...)::
 
-    With ``p = softmax(z)``, ``p_bg = p_0 + sum_{c >= C_o} p_c`` and ``sum_c q_c = 1``::
+        l = -(1 / C_o) * (q_0 * log p_bg + sum_{c=1}^{C_o-1} q_c * log p_c),
+        log p_bg = logsumexp_{j in {0} U [C_o, C)} log p_j
 
-        dl/dz_j = (p_j - t_j) / C_o,   t_j = q_j                 for 1 <= j < C_o
-                                       t_j = q_0 * p_j / p_bg    for j = 0 and j >= C_o
+    Gradient with respect to ``log p`` (``q`` is a constant)::
 
-    i.e. a soft cross-entropy whose target splits ``q_0`` over the background group in
-    proportion to the student's own probabilities. ``q`` is a constant (the teacher).
+        dl/dlog p_j = -q_j / C_o                 for 1 <= j < C_o
+                      -q_0 * r_j / C_o,  r_j = exp(log p_j - log p_bg) <= 1, for j = 0 and j >= C_o
+
+    Through the log-softmax this gives ``dl/dz_j = (p_j - t_j) / C_o`` with ``t`` the above
+    targets: a soft cross-entropy whose target splits ``q_0`` over the background group in
+    proportion to the student's own probabilities.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, log_p: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         old_channels = teacher.shape[1]
-        log_p = torch.log_softmax(logits, dim=1)
         log_bg = log_p[:, 0]
-        if logits.shape[1] > old_channels:
+        if log_p.shape[1] > old_channels:
             log_bg = torch.logaddexp(log_bg, torch.logsumexp(log_p[:, old_channels:], dim=1))
         # sum_{c < C_o} q_c log p_c, then swap the background term: q_0 (log p_bg - log p_0)
         cross = torch.linalg.vecdot(teacher, log_p[:, :old_channels], dim=1)
@@ -343,16 +353,13 @@ class _UnbiasedKDMap(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         log_p, teacher, log_bg = ctx.saved_tensors
         old_channels = teacher.shape[1]
-        log_bg = log_bg.unsqueeze(1)
-        # background group j: p_j - q_0 p_j / p_bg = r_j (p_bg - q_0), r_j = exp(log p_j - log p_bg) <= 1,
-        # a form that stays finite when p_bg underflows
-        factor = log_bg.exp() - teacher[:, :1]
-        grad = log_p.exp()
-        grad[:, :1] = (log_p[:, :1] - log_bg).exp_().mul_(factor)
+        q0, log_bg = teacher[:, :1], log_bg.unsqueeze(1)
+        grad = torch.empty_like(log_p)
+        grad[:, 1:old_channels] = teacher[:, 1:]
+        torch.mul((log_p[:, :1] - log_bg).exp_(), q0, out=grad[:, :1])
         if grad.shape[1] > old_channels:
-            grad[:, old_channels:] = (log_p[:, old_channels:] - log_bg).exp_().mul_(factor)
-        grad[:, 1:old_channels] -= teacher[:, 1:]
-        grad *= grad_loss.unsqueeze(1) / old_channels
+            torch.mul((log_p[:, old_channels:] - log_bg).exp_(), q0, out=grad[:, old_channels:])
+        grad *= grad_loss.unsqueeze(1) / -old_channels
         return grad, None
 
 
