@@ -2,7 +2,6 @@
 and the markdown / PNG report written from hand-made results CSVs."""
 import importlib.util
 import math
-import os
 import shlex
 import sys
 from dataclasses import replace
