@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable, Optional
@@ -401,7 +401,8 @@ class Trainer:
         if uses_old and not self.opts.sequential_old_model:
             pending = self._old_thread().submit(self._old_outputs_and_targets, images, labels, saliency)
         else:
-            pending = _Done(self._old_outputs_and_targets(images, labels, saliency))
+            pending = Future()
+            pending.set_result(self._old_outputs_and_targets(images, labels, saliency))
 
         optim.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp_dtype):
@@ -547,16 +548,6 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-class _Done:
-    """An already computed result with the ``Future.result()`` interface."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
 def _unwrap(model):
     return getattr(model, "module", model) if model is not None else None
 

@@ -254,13 +254,13 @@ class _OutputDistillation(nn.Module):
         self.reduction = _check_reduction(reduction)
         self.alpha = alpha
 
-    def teacher(self, targets: torch.Tensor, teacher: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``teacher``, when given, is this softmax already computed by the caller."""
-        if teacher is not None:
-            if teacher.shape != targets.shape:
-                raise ValueError(f"teacher probabilities {tuple(teacher.shape)} must have the old logits' "
+    def teacher(self, targets: torch.Tensor, probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``probs``, when given, is this softmax already computed by the caller."""
+        if probs is not None:
+            if probs.shape != targets.shape:
+                raise ValueError(f"teacher probabilities {tuple(probs.shape)} must have the old logits' "
                                  f"shape {tuple(targets.shape)}")
-            return teacher.float()
+            return probs.float()
         targets = targets.float()
         return torch.softmax(targets if self.alpha == 1 else targets * self.alpha, dim=1)
 
