@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.loss import (BCEWithLogitsLossWithIgnoreIndex, IcarlLoss, KnowledgeDistillationLoss,
-                        UnbiasedCrossEntropy, UnbiasedKnowledgeDistillationLoss, entropy,
+                        UnbiasedCrossEntropy, UnbiasedKnowledgeDistillationLoss,
                         features_distillation, features_l2, global_pod, icarl_distillation,
                         local_pod, resolve_pod_options, spatial_pod)
 
@@ -354,21 +354,6 @@ def test_features_l2_is_the_element_mean_of_squares():
     close(features_l2(new, old), (1 + 4 + 0 + 4) / 4)
     with pytest.raises(ValueError, match="same shape"):
         features_l2(new, old[..., :1])
-
-
-# ---------------------------------------------------------------------------------------------
-# entropy
-# ---------------------------------------------------------------------------------------------
-
-def test_entropy_is_a_channel_mean_normalised_by_log_k():
-    uniform4 = torch.full((1, 4, 1, 1), 0.25)
-    close(entropy(uniform4), [[[0.25]]])  # H / (K log K) = log 4 / (4 log 4)
-    half = torch.tensor([0.5, 0.5])[None, :, None, None]
-    close(entropy(half), [[[0.5]]])
-    p = torch.tensor([0.2, 0.3, 0.5])
-    expected = -sum(v * math.log(v + 1e-8) for v in p.tolist()) / 3 / math.log(3 + 1e-8)
-    close(entropy(p[None, :, None, None]), [[[expected]]])
-    close(entropy(torch.tensor([1.0, 0.0])[None, :, None, None]), [[[0.0]]], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
