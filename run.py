@@ -1,6 +1,6 @@
 """Command-line entry: train and test the steps of a continual segmentation task.
 
-    python run.py --data_root DIR --task 15-5 --step 0 1 --method MiB ...
+    python run.py --data_root DIR --task 15-5 --step 0 1 --method MiB+EWF ...
     torchrun --nproc_per_node=N run.py ...          (or python -m torch.distributed.launch)
 
 For each requested step: seed, build the data, the model and (step > 0) the frozen model of the
@@ -18,6 +18,7 @@ import random
 import sys
 import time
 from copy import deepcopy
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,11 @@ from torch.utils.data.distributed import DistributedSampler
 import argparser
 import dataset as datasets
 import tasks
+import methods
+from methods.memory import build_memory_loader
 from metrics import StreamSegMetrics, summarize_step
 from segmentation_module import make_model
-from train import Trainer, amp_settings, build_recipe
+from train import Trainer, amp_settings
 from utils import distributed as dist_utils
 from utils.checkpoint import checkpoint_path, load_checkpoint, options_to_dict, save_atomic, strip_prefix
 from utils.logger import Logger, confusion_matrix_figure
@@ -135,40 +138,6 @@ def freeze(model):
     return model
 
 
-def init_new_classifier(model, recipe_init, logger):
-    if recipe_init == "balanced":
-        model.init_new_classifier()
-        logger.info("New classifier initialised from the background (MiB balanced init)")
-    elif recipe_init == "unknown":
-        model.init_unknown_classifier()
-        logger.info("New classifier initialised from the unknown class (SSUL)")
-
-
-def param_groups(model, opts, step):
-    """SGD groups: body (skipped with --freeze), head and classifiers (x --lr_head, old ones x --lr_old)."""
-    if opts.ssul and step > 0:
-        from utils.ssul import ssul_trainable_parameters
-        return ssul_trainable_parameters(model, opts.lr)
-    groups = []
-
-    def add(params, lr_scale):
-        params = [p for p in params if p.requires_grad]
-        if params:
-            groups.append({"params": params, "lr": opts.lr * lr_scale, "weight_decay": opts.weight_decay})
-
-    if not (opts.freeze and step > 0):  # --freeze keeps the step-0 body (SSUL trains it at step 0)
-        add(model.body.parameters(), 1.0)
-    add(model.head.parameters(), opts.lr_head)
-    if opts.lr_old is not None and step > 0:
-        add([p for c in model.cls[:-1] for p in c.parameters()], opts.lr_head * opts.lr_old)
-        add(model.cls[-1].parameters(), opts.lr_head)
-    else:
-        add(model.cls.parameters(), opts.lr_head)
-    if getattr(model, "scalar", None) is not None:
-        add([model.scalar], opts.lr_head)
-    return groups
-
-
 # --------------------------------------------------------------------------------------------
 # one step
 # --------------------------------------------------------------------------------------------
@@ -222,15 +191,40 @@ def _run_step(opts, step, device, rank, world, logger):
     return score
 
 
+@dataclass
+class StepRun:
+    """What a method's step hooks may read and change (``methods.Component.setup_model`` etc.)."""
+
+    opts: object
+    step: int
+    device: torch.device
+    rank: int
+    world: int
+    logger: object
+    classes: list
+    model: object = None  # the unwrapped model being trained
+    model_old: object = None
+    trainer: object = None
+    train_loader: object = None
+    previous_checkpoint: str = None  # the file the previous step's weights were read from
+    checkpoint: str = None  # this step's checkpoint file
+    resumed: bool = False
+
+
 def train_step(opts, step, model, model_old, trainer_state, classes, device, rank, world, logger,
                train_loader, val_loader, train_dst, n_classes):
-    recipe = build_recipe(opts, step)
-    if step > 0:
-        init_new_classifier(model, recipe.init, logger)
-    if opts.fix_bn or (opts.bn_freeze and step > 0):  # SSUL freezes BN from step 1 on
+    run = StepRun(opts, step, device, rank, world, logger, list(classes), model=model, model_old=model_old,
+                  train_loader=train_loader, checkpoint=checkpoint_path(opts, step),
+                  previous_checkpoint=previous_checkpoint_path(opts, step) if step > 0 else None)
+    recipe = methods.build_recipe(opts, step, classes)
+    if step > 0 and recipe.init_classifier is not None:
+        recipe.init_classifier(model, logger)
+    if opts.fix_bn:
         model.fix_bn()  # sticky: the model's train() keeps BN in eval
+    for component in recipe.components:
+        component.setup_model(run, model, methods.step_info(opts, step, classes))
 
-    optimizer = torch.optim.SGD(param_groups(model, opts, step), lr=opts.lr, momentum=opts.momentum,
+    optimizer = torch.optim.SGD(methods.param_groups(model, opts, step), lr=opts.lr, momentum=opts.momentum,
                                 nesterov=True, weight_decay=opts.weight_decay)
     scheduler = get_scheduler(opts, optimizer, max_iters=opts.epochs * len(train_loader))
     _, use_scaler = amp_settings(opts.opt_level, device)
@@ -238,17 +232,21 @@ def train_step(opts, step, model, model_old, trainer_state, classes, device, ran
 
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        find_unused_parameters=opts.ssul)
+                                        find_unused_parameters=recipe.find_unused_parameters)
     trainer = Trainer(model, model_old, device, opts, trainer_state=trainer_state, classes=classes,
                       step=step, logger=logger, scaler=scaler,
                       threshold_cache_dir=os.path.join(opts.checkpoint, "thresholds"))
+    run.trainer = trainer
 
     begin_epoch, best_score = 0, 0.0
     if opts.ckpt is not None:
         begin_epoch, best_score = resume(opts, opts.ckpt, model, optimizer, scheduler, scaler, trainer,
                                          classes, logger)
+        run.resumed = True
 
     exemplar_loader = build_memory_loader(opts, step, model_old, train_dst, device, rank, world, logger)
+    for component in recipe.components:
+        component.before_training(run, methods.step_info(opts, step, classes))
     trainer.before(train_loader, logger)
     ckpt_file = checkpoint_path(opts, step)
     unwrapped = getattr(model, "module", model)
@@ -281,11 +279,14 @@ def train_step(opts, step, model, model_old, trainer_state, classes, device, ran
         save_checkpoint(ckpt_file, opts, step, opts.epochs - 1, unwrapped, optimizer, scheduler, scaler,
                         trainer, best_score, classes, rank)
     dist_utils.barrier()  # the other ranks read the file rank 0 just wrote
+    for component in recipe.components:
+        component.after_step(run, methods.step_info(opts, step, classes))
+    dist_utils.barrier()
     return ckpt_file
 
 
 def log_samples(opts, logger, model, model_old, val_dst, trainer, device, epoch):
-    """--sample_num prediction triplets; with SATS, the class-pooled attention maps (old | new)."""
+    """--sample_num prediction triplets, then each method's own panels."""
     if not dist_utils.is_main_process() or not opts.visualize:
         return
     from utils import tensorboard_samples as tb
@@ -293,12 +294,10 @@ def log_samples(opts, logger, model, model_old, val_dst, trainer, device, epoch)
     indices = tb.sample_indices(len(val_dst), opts.sample_num, opts.random_seed)
     for idx, row in zip(indices, tb.prediction_triplets(model, val_dst, indices, device, trainer.predict)):
         logger.add_image(f"Samples/{idx}", row, epoch, dataformats="HWC")
-    if model_old is not None and opts.distill_segformer and opts.distill_object != "sats-feature-CNN":
-        with torch.no_grad():
-            for tag, panel in tb.pooled_attention_panels(model.eval(), model_old, val_dst, indices[:2] or [0],
-                                                         device, opts.sats_legacy_reshape):
-                logger.add_image(f"SATS_attention/{tag}", panel[None], epoch, dataformats="CHW")
-        model.train()
+    run = StepRun(opts, trainer.step, device, 0, 1, logger, trainer.classes, model=model, model_old=model_old,
+                  trainer=trainer)
+    for component in trainer.recipe.components:
+        component.log_samples(run, model, model_old, val_dst, indices, epoch)
 
 
 def save_checkpoint(path, opts, step, epoch, model, optimizer, scheduler, scaler, trainer, best_score,
@@ -341,77 +340,6 @@ def resume(opts, path, model, optimizer, scheduler, scaler, trainer, classes, lo
     return begin, float(ckpt.get("best_score", 0.0))
 
 
-def memory_path(opts, step: int) -> str:
-    return checkpoint_path(opts, step)[: -len(".pth")] + "_memory.json"
-
-
-def build_memory_loader(opts, step, model_old, train_dst, device, rank, world, logger):
-    """The class-balanced exemplar memory (SSUL-M; any method with --mem_size), chosen once per
-    step with the previous model and saved beside the checkpoint (reused on resume)."""
-    if not opts.mem_size or step == 0:
-        return None
-    from dataset import memory as mem
-
-    path = memory_path(opts, step)
-    if os.path.isfile(path):
-        entries = mem.load_memory(path)
-        logger.info(f"Exemplar memory of step {step} read from {path}")
-    else:
-        entries = choose_memory(opts, step, model_old, device, logger)
-        if rank == 0:
-            mem.save_memory(path, entries, meta={"task": opts.task, "dataset": opts.dataset, "step": step,
-                                                 "mem_size": opts.mem_size, "seed": opts.random_seed})
-    dist_utils.barrier()
-    counts = {}
-    for entry in entries:
-        for c in entry.classes:
-            counts[c] = counts.get(c, 0) + 1
-    logger.info(f"Exemplar memory: {len(entries)} images; images per class {dict(sorted(counts.items()))}")
-    memory_dst = mem.MemoryDataset(memory_base_dataset(opts, step, entries), min_len=opts.batch_size)
-    return DataLoader(memory_dst, batch_size=opts.batch_size,
-                      sampler=DistributedSampler(memory_dst, num_replicas=world, rank=rank,
-                                                 seed=opts.random_seed),
-                      num_workers=opts.num_workers, drop_last=True)
-
-
-def choose_memory(opts, step, model_old, device, logger):
-    """SSUL's selection: candidates are step-1's training images (centre crops); their classes come
-    from the ground truth at step 1 and from the old model's pseudo-labels later."""
-    from dataset import memory as mem
-
-    prev_opts = deepcopy(opts)
-    prev_opts.step = step - 1
-    candidates = _unwrap_subset(datasets.get_dataset(prev_opts)[0])
-    candidates.transform = datasets.transform.val_transform(opts.crop_size, True)
-    previous = None
-    if step > 1 and os.path.isfile(memory_path(opts, step - 1)):
-        previous = mem.load_memory(memory_path(opts, step - 1))
-    nb_old = sum(tasks.get_per_task_classes(opts.dataset, opts.task, step - 1))
-    pseudo_fn = mem.ssul_memory_pseudo_labels if opts.ssul else mem.softmax_memory_pseudo_labels
-    logger.info(f"Choosing {opts.mem_size} exemplars among {len(candidates)} images of step {step - 1}")
-    return mem.build_memory(model_old, candidates, step, opts.mem_size, opts.random_seed, device, nb_old,
-                            previous_memory=previous, pseudo_fn=pseudo_fn, batch_size=opts.batch_size)
-
-
-def memory_base_dataset(opts, step, entries):
-    """The memory images with this step's training treatment, old classes' ground truth kept."""
-    mem_opts = deepcopy(opts)
-    mem_opts.step = step
-    mem_opts.data_masking = "current+old"
-    mem_opts.cross_val = False
-    base = datasets.get_dataset(mem_opts)[0]
-    position = {path: i for i, path in enumerate(base.files.images)}
-    missing = [e.name for e in entries if e.name not in position]
-    if missing:
-        raise FileNotFoundError(f"exemplar memory lists images that are not in the training split: {missing[:3]}")
-    base.indices = np.array([position[e.name] for e in entries], dtype=np.int64)
-    return base
-
-
-def _unwrap_subset(dst):
-    return dst.dataset if isinstance(dst, torch.utils.data.Subset) else dst
-
-
 # --------------------------------------------------------------------------------------------
 # reporting
 # --------------------------------------------------------------------------------------------
@@ -441,7 +369,7 @@ def print_summary(opts, step, summary, n_base, n_seen):
             (str(step),) + tuple("-" if np.isnan(summary[k]) else f"{100 * summary[k]:.2f}"
                                  for k in ("base", "new", "all"))]
     width = [max(len(r[i]) for r in rows) for i in range(4)]
-    print(f"\n{opts.method or 'FT'} on {opts.dataset} {opts.task}, test mIoU (%)")
+    print(f"\n{getattr(opts, 'method_label', None) or opts.method or 'FT'} on {opts.dataset} {opts.task}, test mIoU (%)")
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, width)))
 

@@ -1,4 +1,5 @@
 import argparse
+import datetime
 
 import pytest
 
@@ -30,7 +31,7 @@ def test_defaults_match_the_sats_argparser_and_the_decision_table():
         "pod_factor": 5.0, "pod_prepro": "pow", "pod_apply": "all", "spp_scales": [1, 2, 4],
         "kd_bce_sig_shape": "trim", "temperature": 1.0, "focal_loss_gamma": 2,
         "distill_weight_args": 10, "val_interval": 1, "logdir": "./logs", "name": "Experiment",
-        "date": "", "sample_num": 0, "print_interval": 10, "opt_level": "O0",
+        "date": str(datetime.date.today()), "sample_num": 0, "print_interval": 10, "opt_level": "O0",
         "code_directory": ".", "local_rank": 0, "pseudo": None, "regularizer": None,
         "visualize": True, "strict_weights": True,
         # this project's fixes and additions
@@ -295,15 +296,23 @@ def test_original_repo_flags():
     assert (opts.loss_kd, opts.loss_de) == (100, 100)
 
 
-def test_help_has_the_groups(capsys):
+def test_help_has_the_groups_and_fits_250_lines(capsys):
     with pytest.raises(SystemExit):
         parse("--help")
     out = capsys.readouterr().out
-    for title in ["Data:", "Model:", "Training:", "Method/loss:", "Validation & checkpoints:",
-                  "Logging:", "Performance/distributed:", "Compatibility switches:"]:
+    for title in ["Data:", "Model:", "Training:", "Method:", "Method: MiB:", "Method: SATS:",
+                  "Validation & checkpoints:", "Logging:", "Performance/distributed:"]:
         assert f"\n{title}\n" in out, title
-    assert "Accepted for compatibility, has no effect." in out
     assert "--local_rank LOCAL_RANK, --local-rank LOCAL_RANK" in out
+    assert "--focal_loss" not in out and "--dont_predict_bg" not in out  # legacy options are hidden
+    assert len(out.splitlines()) <= 250
+
+
+def test_help_legacy_lists_the_hidden_options(capsys):
+    with pytest.raises(SystemExit):
+        parse("--help_legacy")
+    out = capsys.readouterr().out
+    assert "--dont_predict_bg" in out and "--focal_loss" in out and "--print_interval" in out
 
 
 def test_every_preset_option_is_a_parser_option():
@@ -331,15 +340,16 @@ def test_options_to_dict_is_plain_and_complete():
     assert set(values) == set(vars(opts))
 
 
-def test_unimplemented_plop_experiment_is_refused_and_marked_in_help(capsys):
+def test_unimplemented_plop_experiment_is_refused_with_a_short_usage(capsys):
     import argparser as ap
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         ap.parse_options(["--focal_loss"])
-    assert "--focal_loss" in capsys.readouterr().err
-    helps = {a.dest: a.help for a in ap.get_argparser()._actions}
-    assert "not implemented here" in helps["nca"]
-    assert "has no effect" in helps["print_interval"]
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "--focal_loss: PLOP experimental option(s) not implemented" in err
+    assert len(err.splitlines()) == 2  # the short usage line and the message
+    assert {"nca", "print_interval"} <= {a.dest for a in ap.get_argparser()._actions}  # still parsed
 
 
 def test_data_masking_all_is_refused_for_training(capsys):

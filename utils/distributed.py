@@ -30,6 +30,7 @@ __all__ = [
     "all_reduce_mean",
     "broadcast_object",
     "cleanup",
+    "unwrap",
 ]
 
 DEFAULT_TIMEOUT_S = 600
@@ -149,3 +150,9 @@ def cleanup():
     """Leave the process group, if one was joined."""
     if is_dist_initialized():
         dist.destroy_process_group()
+
+
+def unwrap(model):
+    """The module inside a DistributedDataParallel (or DataParallel) wrapper; None stays None."""
+    return getattr(model, "module", model) if model is not None else None
+
