@@ -22,11 +22,13 @@ BATCH_SIZE=${BATCH_SIZE:-8}
 DEMO_ROOT=${DEMO_ROOT:-demo_data}
 NAME=${NAME:-demo}
 STEP0_NAME="${NAME}-step0"
+DATE=$(date +%F)
 
 python -c "import sys; from dataset.synthetic import ensure_demo_tree; print('[demo] data:', ensure_demo_tree(sys.argv[1]))" "$DEMO_ROOT/PascalVOC12"
 
 common=(--data_root "$DEMO_ROOT" --dataset voc --task 15-5 --overlap --model "$MODEL" --no_pretrained
-        --crop_size 96 --batch_size "$BATCH_SIZE" --num_workers 2 --val_interval 100 --sample_num 4)
+        --crop_size 96 --batch_size "$BATCH_SIZE" --num_workers 2 --val_interval 100 --sample_num 4
+        --date "$DATE")
 
 step0_ckpt="checkpoints/step/15-5-voc_${STEP0_NAME}_0.pth"
 if [[ -f $step0_ckpt ]]; then
@@ -39,5 +41,5 @@ echo "[demo] step 1: 5 new classes with $METHOD, $EPOCHS epochs"
 python run.py "${common[@]}" --step 0 --test --ckpt "$step0_ckpt" --method "$METHOD" --name "${NAME}-${METHOD}"
 python run.py "${common[@]}" --step 1 --lr "$LR" --epochs "$EPOCHS" --method "$METHOD" \
   --step_ckpt "$step0_ckpt" --name "${NAME}-${METHOD}"
-python average_csv.py "results/_voc_15-5_${NAME}-${METHOD}.csv" --dataset voc --task 15-5
+python average_csv.py "results/${DATE}_voc_15-5_${NAME}-${METHOD}.csv" --dataset voc --task 15-5
 echo "[demo] TensorBoard: tensorboard --logdir logs/15-5-voc"
