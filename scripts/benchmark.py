@@ -104,13 +104,11 @@ def build_step1(args, method, device):
     if opts.regularizer:
         trainer_state = {"regularizer": _step0_regularizer_state(opts, old, device)}
     trainer = Trainer(model, old, device, opts, trainer_state=trainer_state, classes=classes, step=1)
-    if trainer.recipe.init == "balanced":
-        model.init_new_classifier()
-    elif trainer.recipe.init == "unknown":
-        model.init_unknown_classifier()
-    from run import param_groups
+    if trainer.recipe.init_classifier is not None:
+        trainer.recipe.init_classifier(model, None)
+    import methods
 
-    optim = torch.optim.SGD(param_groups(model, opts, 1), lr=1e-3, momentum=0.9, nesterov=True)
+    optim = torch.optim.SGD(methods.param_groups(model, opts, 1), lr=1e-3, momentum=0.9, nesterov=True)
     return opts, model, old, trainer, optim
 
 
@@ -161,10 +159,10 @@ def time_terms(trainer, ctx, repeats=3):
                           None if ctx.old_logits is None else ctx.old_logits.detach(),
                           {k: (v.detach() if torch.is_tensor(v) else [t.detach() for t in v] if isinstance(v, list) else v)
                            for k, v in ctx.old_extras.items()},
-                          ctx.nb_old, ctx.nb_current, ctx.opts)
+                          ctx.nb_old, ctx.nb_current, ctx.old_probs)
             _sync(trainer.device)
             t0 = time.perf_counter()
-            value = term.weight * term.fn(c)
+            value = term.weight * term(c)
             if value.requires_grad:
                 value.backward()
             _sync(trainer.device)
@@ -193,7 +191,7 @@ def run_worker(args):
     opts, model, old, trainer, optim = build_step1(args, args.worker, device)
     n_seen = trainer.nb_current
     batches = synthetic_batches(args.warmup + args.steps, opts, n_seen, device)
-    if trainer.recipe.pseudo is not None and trainer.recipe.pseudo != "ssul":
+    if trainer.recipe.targets is not None:
         from torch.utils.data import DataLoader, TensorDataset
 
         images = torch.cat([b[0] for b in batches[:2]]).cpu()
