@@ -22,7 +22,8 @@ def test_requirements_installable_set():
 
 
 def test_core_imports():
-    import einops  # noqa: F401
+    import huggingface_hub  # noqa: F401
+    import safetensors  # noqa: F401
     import tensorboardX  # noqa: F401
     import timm  # noqa: F401
     import torch

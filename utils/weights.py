@@ -1,8 +1,11 @@
 """Pretrained weights and foreign checkpoints: where files are, which format, how keys map.
 
 - ``pretrained_path(opts)``: the file the originals read (``{code_directory}/pretrained/mit_bX.pth``
-  for SegFormer, ``{code_directory}/pretrained/{backbone}_{norm_act}.pth.tar`` for DeepLab), or
-  ``--pretrained PATH``.
+  for SegFormer, ``{code_directory}/pretrained/{backbone}_{norm_act}.pth.tar`` for DeepLab), or what
+  ``--pretrained`` names: a path, ``hf:OWNER/REPO[@REVISION]`` (a Hugging Face MiT, fetched into the
+  hub cache) or ``torchvision[:WEIGHTS]`` (torchvision's ImageNet ResNet, fetched into
+  ``$TORCH_HOME/hub/checkpoints``). Named weights resolve to the cached file, so the loaders only
+  ever see a local path and detect its format themselves.
 - ``load_mit_weights(mit, source)``: NVIDIA's ImageNet MiT checkpoints (flat, or wrapped in
   ``state_dict``/``model``) and the Hugging Face ``nvidia/mit-b*`` format (``pytorch_model.bin`` or
   ``model.safetensors``), converted to the official names. Classification heads are dropped;
@@ -18,7 +21,8 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple, Optional
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -29,7 +33,14 @@ from utils.checkpoint import load_checkpoint, strip_prefix
 __all__ = [
     "MIT_WEIGHTS_HELP",
     "RESNET_WEIGHTS_HELP",
+    "PRETRAINED_HELP",
     "pretrained_path",
+    "resolve_pretrained",
+    "HubWeights",
+    "parse_hf_name",
+    "hf_weights_file",
+    "hf_not_cached_message",
+    "torchvision_weights_file",
     "missing_pretrained_error",
     "read_weights_file",
     "state_dict_of",
@@ -51,8 +62,28 @@ RESNET_WEIGHTS_HELP = (
 )
 
 
+PRETRAINED_HELP = (
+    "ImageNet weights of the backbone: a file (default: {code_directory}/pretrained/mit_bX.pth for "
+    "SegFormer, {code_directory}/pretrained/{backbone}_{norm_act}.pth.tar for DeepLab); "
+    "hf:OWNER/REPO[@REVISION] for a Hugging Face MiT encoder (e.g. hf:nvidia/mit-b2; "
+    "model.safetensors, else pytorch_model.bin, cached in the Hugging Face hub cache, HF_HOME); "
+    "or torchvision[:WEIGHTS] for torchvision's ImageNet ResNet of --backbone (default weights "
+    "DEFAULT = IMAGENET1K_V2, or IMAGENET1K_V1; cached in $TORCH_HOME/hub/checkpoints). "
+    "Named weights are downloaded once; offline (HF_HUB_OFFLINE=1) only the cache is read. "
+    "A missing file is an error"
+)
+
+HF_PREFIX = "hf:"
+TORCHVISION_NAME = "torchvision"
+# Tried in this order: safetensors is read without unpickling.
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
+
+
 def pretrained_path(opts) -> str:
-    """The ImageNet weights file for ``opts``: ``opts.pretrained`` if set, else the originals' path.
+    """The local ImageNet weights file for ``opts``: ``opts.pretrained`` resolved by
+    ``resolve_pretrained`` if set, else the originals' path.
 
     SegFormer ``segformer_bX`` (``segformer`` = b2): ``{code_directory}/pretrained/mit_bX.pth``
     (SATS reads ``./pretrained/mit_b2.pth``; ``code_directory`` defaults to ``.``).
@@ -61,7 +92,7 @@ def pretrained_path(opts) -> str:
     """
     explicit = getattr(opts, "pretrained", None)
     if explicit:
-        return os.fspath(explicit)
+        return resolve_pretrained(os.fspath(explicit), opts)
     root = getattr(opts, "code_directory", None) or "."
     model = opts.model
     if model.startswith("segformer"):
@@ -72,12 +103,211 @@ def pretrained_path(opts) -> str:
     raise ValueError(f"no pretrained weights are defined for --model {model!r}")
 
 
+def resolve_pretrained(spec: str, opts) -> str:
+    """A local file for the ``--pretrained`` value ``spec``.
+
+    ``hf:OWNER/REPO[@REVISION]`` -> ``hf_weights_file`` (SegFormer models only; a repository named
+    ``mit-bN`` must match the model's variant); ``torchvision`` / ``torchvision:WEIGHTS`` ->
+    ``torchvision_weights_file`` for ``opts.backbone`` (DeepLab only); anything else is a path and
+    is returned as given (a file literally named ``torchvision`` is reached as ``./torchvision``).
+    """
+    model = opts.model
+    if spec.startswith(HF_PREFIX):
+        hub = parse_hf_name(spec)
+        if not model.startswith("segformer"):
+            raise ValueError(
+                f"--pretrained {spec}: Hugging Face names are read as MiT encoders, which only the "
+                f"SegFormer models use; for --model {model} use --pretrained torchvision or a file")
+        _check_mit_repo_variant(hub, model, spec)
+        return hf_weights_file(hub)
+    if spec == TORCHVISION_NAME or spec.startswith(TORCHVISION_NAME + ":"):
+        if model != "deeplab":
+            raise ValueError(
+                f"--pretrained {spec}: torchvision's weights are ResNets, used by --model deeplab; "
+                f"for --model {model} use --pretrained hf:nvidia/{_hf_mit_name(model)} or a file")
+        _, _, weights_name = spec.partition(":")
+        return torchvision_weights_file(getattr(opts, "backbone", None) or "resnet101", weights_name or None)
+    return spec
+
+
+# ------------------------------------------------------------------------- Hugging Face hub
+class HubWeights(NamedTuple):
+    """A Hugging Face model repository and the revision to read (``None``: the ``main`` branch)."""
+
+    repo_id: str
+    revision: Optional[str] = None
+
+
+def parse_hf_name(spec: str) -> HubWeights:
+    """``hf:OWNER/REPO[@REVISION]`` -> ``HubWeights``; a malformed name is a ``ValueError``."""
+    body = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
+    repo_id, _, revision = body.partition("@")
+    if not _HF_REPO_ID.match(repo_id) or ("@" in body and not revision):
+        raise ValueError(
+            f"--pretrained {spec}: expected hf:OWNER/REPO or hf:OWNER/REPO@REVISION, "
+            f"e.g. hf:nvidia/mit-b2 or hf:nvidia/mit-b2@main")
+    return HubWeights(repo_id, revision or None)
+
+
+def _hf_mit_name(model: str) -> str:
+    return mit_variant(model).replace("_", "-")
+
+
+def _check_mit_repo_variant(hub: HubWeights, model: str, spec: str) -> None:
+    """NVIDIA's repositories are named ``mit-bN``: a B0 encoder asked for a B2 model is reported
+    here, before the strict load's list of mis-shaped keys."""
+    named = re.search(r"(?:^|/)mit-(b\d)$", hub.repo_id)
+    if named and f"mit-{named[1]}" != _hf_mit_name(model):
+        raise ValueError(
+            f"--pretrained {spec} is the MiT-{named[1].upper()} encoder but --model {model} uses "
+            f"MiT-{_hf_mit_name(model)[-2:].upper()}: use hf:nvidia/{_hf_mit_name(model)} or the matching --model")
+
+
+def hf_weights_file(hub: HubWeights) -> str:
+    """Local path of ``model.safetensors`` (else ``pytorch_model.bin``) of ``hub`` in the hub cache.
+
+    ``huggingface_hub.hf_hub_download`` does the lookup: the file is downloaded into the cache
+    (``HF_HUB_CACHE``, by default ``$HF_HOME/hub``) unless it is there already; with
+    ``HF_HUB_OFFLINE=1`` or without a connection only the cache is read. Neither file found is a
+    ``FileNotFoundError`` that names the cache folder and the file to put there; an unknown
+    repository or revision is a ``ValueError``.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    not_cached = False
+    for filename in HF_WEIGHT_FILES:
+        try:
+            return hf_hub_download(hub.repo_id, filename, revision=hub.revision)
+        except LocalEntryNotFoundError:
+            not_cached = True  # offline or no connection, and not in the cache
+        except EntryNotFoundError:
+            continue  # the repository has no such file; try the next format
+        except RevisionNotFoundError as error:
+            raise ValueError(f"--pretrained {_hf_spec(hub)}: revision {hub.revision!r} does not exist "
+                             f"in {hub.repo_id} ({error})") from None
+        except RepositoryNotFoundError as error:
+            raise ValueError(f"--pretrained {_hf_spec(hub)}: no Hugging Face model repository "
+                             f"{hub.repo_id} (or it needs a login: HF_TOKEN) ({error})") from None
+    if not_cached:
+        raise FileNotFoundError(hf_not_cached_message(hub))
+    raise FileNotFoundError(
+        f"--pretrained {_hf_spec(hub)}: the repository holds neither {' nor '.join(HF_WEIGHT_FILES)}; "
+        "download the weights and pass --pretrained PATH")
+
+
+def _hf_spec(hub: HubWeights) -> str:
+    return HF_PREFIX + hub.repo_id + (f"@{hub.revision}" if hub.revision else "")
+
+
+def hf_not_cached_message(hub: HubWeights) -> str:
+    """What to do when ``hub``'s weights are neither cached nor downloadable: the hub cache's
+    own layout (``models--OWNER--REPO/snapshots/<commit>/FILE`` and ``refs/<branch>``)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    cache = constants.HF_HUB_CACHE
+    folder = os.path.join(cache, repo_folder_name(repo_id=hub.repo_id, repo_type="model"))
+    revision = hub.revision or "main"
+    if _COMMIT_HASH.match(revision):
+        commit, ref_step = revision, ""
+    else:
+        commit = "<commit>"
+        ref_step = f" and write that commit hash into {os.path.join(folder, 'refs', revision)}"
+    target = os.path.join(folder, "snapshots", commit, HF_WEIGHT_FILES[0])
+    return (
+        f"--pretrained {_hf_spec(hub)}: {' or '.join(HF_WEIGHT_FILES)} of {hub.repo_id} is not in "
+        f"the Hugging Face cache {cache} and cannot be downloaded (HF_HUB_OFFLINE=1 or no "
+        f"connection). Put the file at {target}{ref_step} (on a machine with internet, "
+        f"`hf download {hub.repo_id} {HF_WEIGHT_FILES[0]}"
+        f"{f' --revision {hub.revision}' if hub.revision else ''}` fills its cache; copy "
+        f"{repo_folder_name(repo_id=hub.repo_id, repo_type='model')}/ from there), point HF_HOME "
+        f"or HF_HUB_CACHE at a cache that has it, or download the file and pass --pretrained PATH."
+    )
+
+
+# ------------------------------------------------------------------------------- torchvision
+def _torchvision_weights(backbone: str, weights_name: Optional[str]):
+    """The torchvision weights enum member for ``backbone`` (``resnet50``/``resnet101``):
+    ``DEFAULT`` when ``weights_name`` is None, else ``IMAGENET1K_V1`` style names or the full
+    ``ResNet101_Weights.IMAGENET1K_V1`` (which must belong to ``backbone``)."""
+    from torchvision.models import get_model_weights, get_weight
+
+    try:
+        enum = get_model_weights(backbone)
+    except ValueError:
+        raise ValueError(f"--pretrained torchvision: torchvision has no weights for --backbone "
+                         f"{backbone!r}") from None
+    choices = ", ".join(enum.__members__)
+    if weights_name is None:
+        return enum.DEFAULT
+    if "." in weights_name:
+        try:
+            weights = get_weight(weights_name)
+        except (ValueError, KeyError, AttributeError):
+            weights = None
+        if weights is None or type(weights) is not enum:
+            raise ValueError(f"--pretrained torchvision:{weights_name} is not one of {enum.__name__} "
+                             f"(--backbone {backbone}): choose from {choices}")
+        return weights
+    if weights_name not in enum.__members__:
+        raise ValueError(f"--pretrained torchvision:{weights_name}: {enum.__name__} has {choices}")
+    return enum[weights_name]
+
+
+def torchvision_weights_file(backbone: str = "resnet101", weights_name: Optional[str] = None) -> str:
+    """Local path of torchvision's ImageNet weights for ``backbone`` (``models.resnet`` converts
+    their names and norm scales on load).
+
+    The file is the one torchvision itself uses: ``{torch.hub.get_dir()}/checkpoints/<name>``
+    (``$TORCH_HOME/hub/checkpoints``, e.g. ``resnet101-cd907fc2.pth`` for ``IMAGENET1K_V2``), read
+    from there when present, else downloaded with ``torch.hub.download_url_to_file`` and checked
+    against the hash prefix in its name. A failed download is a ``FileNotFoundError`` naming the
+    folder, the file name and its URL.
+    """
+    import torch.hub
+
+    weights = _torchvision_weights(backbone, weights_name)
+    filename = os.path.basename(urlparse(weights.url).path)
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(folder, filename)
+    if os.path.isfile(path):
+        return path
+    match = torch.hub.HASH_REGEX.search(filename)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        torch.hub.download_url_to_file(weights.url, path, match.group(1) if match else None)
+    except OSError as error:  # URLError and socket errors are OSErrors
+        raise FileNotFoundError(
+            f"--pretrained torchvision ({type(weights).__name__}.{weights.name}) for --backbone "
+            f"{backbone}: {filename} is not in {folder} and cannot be downloaded ({error}). Put "
+            f"{weights.url} at {path}, point TORCH_HOME at a folder whose hub/checkpoints/ has it, "
+            "or pass --pretrained PATH."
+        ) from None
+    except RuntimeError as error:  # the hash check
+        raise ValueError(f"downloaded {weights.url} does not match its name: {error}") from None
+    return path
+
+
 def missing_pretrained_error(path: str, model: str) -> FileNotFoundError:
-    """The error raised when a pretrained file is absent: names the path, the source, the way out."""
-    where = MIT_WEIGHTS_HELP if model.startswith("segformer") else RESNET_WEIGHTS_HELP
+    """The error raised when a pretrained file is absent: names the path, the source, the way out
+    (including the by-name forms ``hf:nvidia/mit-bX`` / ``torchvision``)."""
+    if model.startswith("segformer"):
+        where = MIT_WEIGHTS_HELP
+        by_name = f"--pretrained hf:nvidia/{_hf_mit_name(model)} (the Hugging Face copy, downloaded once)"
+    else:
+        where = RESNET_WEIGHTS_HELP
+        by_name = ("--pretrained torchvision (torchvision's ImageNet ResNet, downloaded once; "
+                   "plain BN weights, converted on load)")
     return FileNotFoundError(
         f"pretrained weights for --model {model} not found: {path}. {where} Put the file at that path, "
-        f"give another one with --pretrained PATH, or pass --no_pretrained to start from random weights."
+        f"give another one with --pretrained PATH, load them by name with {by_name}, "
+        f"or pass --no_pretrained to start from random weights."
     )
 
 
