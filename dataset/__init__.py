@@ -21,6 +21,7 @@ from torch.utils.data import Subset
 
 from . import transform
 from .ade import AdeSegmentationIncremental
+from .incremental import RawLabelSample, with_raw_labels
 from .voc import VOCSegmentationIncremental
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "get_dataset",
     "dataset_class",
     "index_folder",
+    "with_raw_labels",
+    "RawLabelSample",
 ]
 
 _DATASETS = {"voc": VOCSegmentationIncremental, "ade": AdeSegmentationIncremental}

@@ -26,16 +26,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import copy
 import multiprocessing
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import tv_tensors
 
 logger = logging.getLogger(__name__)
@@ -430,6 +431,34 @@ def cached_indices(
 # --------------------------------------------------------------------------------------------
 
 
+class RawLabelSample(NamedTuple):
+    """A sample of a dataset made by :func:`with_raw_labels`: the step's mapped ``label`` and the
+    mask's own class ids ``raw_label`` (same transform, so pixel ``(i, j)`` of both is the same
+    source pixel). The DataLoader's collation keeps the field names (``batch.raw_label``)."""
+
+    image: torch.Tensor
+    label: torch.Tensor
+    raw_label: torch.Tensor
+
+
+def with_raw_labels(dataset):
+    """A view of ``dataset`` whose samples are :class:`RawLabelSample` (image, mapped label, raw
+    label), for the pass that computes pseudo-label thresholds on raw labels.
+
+    ``dataset`` is an :class:`IncrementalSegmentationDataset` or a ``Subset`` of one (the
+    ``--cross_val`` training set); the view shares its files, indices, transform and skip counter
+    and leaves ``dataset`` unchanged. The saliency map, when the dataset has one, is left out.
+    """
+    if isinstance(dataset, Subset):
+        return Subset(with_raw_labels(dataset.dataset), dataset.indices)
+    if not isinstance(dataset, IncrementalSegmentationDataset):
+        raise TypeError(f"with_raw_labels needs an IncrementalSegmentationDataset (or a Subset of "
+                        f"one), got {type(dataset).__name__}")
+    view = copy.copy(dataset)
+    view.return_raw_label = True
+    return view
+
+
 def _to_plain(tensor) -> torch.Tensor:
     return tensor.as_subclass(torch.Tensor) if isinstance(tensor, torch.Tensor) else torch.as_tensor(tensor)
 
@@ -445,6 +474,8 @@ class IncrementalSegmentationDataset(Dataset):
     ``LongTensor (H, W)``, saliency ``LongTensor (H, W)`` in {0, 1} (1 where the saliency map
     is > 0, as SSUL thresholds it). The LUT is applied before the spatial transforms: these only
     pick and move mask pixels (nearest-exact, no padding), so mapping first gives the same labels.
+    With ``return_raw_label`` (see :func:`with_raw_labels`) a sample is a
+    :class:`RawLabelSample` ``(image, label, raw_label)``, ``raw_label`` the mask's class ids.
 
     An image that cannot be decoded is replaced by the next index (deterministically), counted in
     ``skipped`` (per process: DataLoader workers keep their own count) and logged.
@@ -466,8 +497,10 @@ class IncrementalSegmentationDataset(Dataset):
         ignore_test_bg: bool = False,
         labels_future=None,
         scan_workers: int = 2,
+        return_raw_label: bool = False,
     ):
         self.files = files
+        self.return_raw_label = bool(return_raw_label)
         self.n_classes = n_classes
         self.train = train
         self.transform = transform
@@ -517,11 +550,13 @@ class IncrementalSegmentationDataset(Dataset):
         return presence[self.indices]
 
     def load_raw(self, index: int):
-        """Untransformed ``(image uint8 (3,H,W), mapped label uint8 (H,W)[, saliency])`` tensors."""
+        """Untransformed ``(image uint8 (3,H,W), mapped label uint8 (H,W)[, saliency])`` tensors,
+        plus the unmapped mask (uint8 (H,W)) last when ``return_raw_label`` is set."""
         file_index = int(self.indices[index])
         image_file, mask_file = self.files.images[file_index], self.files.masks[file_index]
         image = read_image(image_file)
-        label = apply_lut(self.lut, read_mask(mask_file), mask_file, self.n_classes)
+        mask = read_mask(mask_file)
+        label = apply_lut(self.lut, mask, mask_file, self.n_classes)
         if label.shape != (image.height, image.width):
             raise ValueError(
                 f"{mask_file} is {label.shape[1]}x{label.shape[0]} but its image {image_file} is "
@@ -531,8 +566,10 @@ class IncrementalSegmentationDataset(Dataset):
             tv_tensors.Image(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)),
             tv_tensors.Mask(torch.from_numpy(label)),
         ]
-        if self.files.saliency is not None:
+        if self.files.saliency is not None and not self.return_raw_label:
             sample.append(tv_tensors.Mask(self._read_saliency(file_index, label.shape)))
+        if self.return_raw_label:
+            sample.append(tv_tensors.Mask(torch.from_numpy(mask.copy())))
         return tuple(sample)
 
     def _read_saliency(self, file_index: int, shape) -> torch.Tensor:
@@ -549,7 +586,10 @@ class IncrementalSegmentationDataset(Dataset):
         if self.transform is not None:
             sample = self.transform(*sample)
         image = _to_plain(sample[0])
-        return (image,) + tuple(_to_plain(t).long() for t in sample[1:])
+        masks = tuple(_to_plain(t).long() for t in sample[1:])
+        if self.return_raw_label:
+            return RawLabelSample(image, *masks)
+        return (image,) + masks
 
     def __getitem__(self, index: int):
         if not 0 <= index < len(self):

@@ -177,8 +177,12 @@ def test_thresholds_clamp_per_statistic():
     legacy_entropy = thresholds_from_histograms(hist, "entropy", 0.001, legacy=True)
     assert legacy_entropy[:3].tolist() == pytest.approx([0.001, 0.01 * 5 / 6, 0.001], rel=1e-6)
     assert math.isnan(legacy_entropy[3])  # Python max(nan, x) keeps nan, as published
-    legacy_probability = thresholds_from_histograms(hist, "probability", 0.9, legacy=True)
-    assert legacy_probability[0] == -math.inf and legacy_probability[2] == 0.0
+    # PLOP's published thresholds keep the -inf median; the SATS repository's (legacy=True)
+    # replace it by 0.005 after the clamp
+    plop_probability = thresholds_from_histograms(hist, "probability", 0.9, legacy="plop")
+    assert plop_probability[0] == -math.inf and plop_probability[2] == 0.0
+    sats_probability = thresholds_from_histograms(hist, "probability", 0.9, legacy=True)
+    assert sats_probability[0].item() == pytest.approx(0.005) and sats_probability[2] == 0.0
     true_probability = thresholds_from_histograms(hist, "probability", 0.03)
     assert true_probability.tolist() == pytest.approx([0.0125, 0.01 * 5 / 6, 0.0, 0.03])
 
@@ -240,6 +244,11 @@ def _rank_worker(rank, world_size, port, out_dir):
         shard = _batches(0, count=4)[rank::world_size]
         result = find_thresholds(_FixedOldModel(), shard, "cpu", "median", 3, 4, nb_bins=20, threshold=0.95)
         torch.save(result.thresholds, os.path.join(out_dir, f"rank{rank}.pt"))
+        # legacy thresholds stay per rank, and the cache keeps one file per rank
+        cache = ThresholdCache(os.path.join(out_dir, "cache"))
+        legacy = cache.get_or_compute(_key(legacy=True), lambda: find_thresholds(
+            _FixedOldModel(), shard, "cpu", "median", 3, 4, nb_bins=20, threshold=0.95, legacy=True))
+        torch.save(legacy.thresholds, os.path.join(out_dir, f"legacy{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -254,6 +263,15 @@ def test_histograms_are_summed_across_ranks(tmp_path):
     alone = find_thresholds(_FixedOldModel(), _batches(0, count=4)[0::2], "cpu", "median", 3, 4,
                             nb_bins=20, threshold=0.95)
     assert not torch.equal(alone.thresholds, union.thresholds)
+    for rank in range(2):
+        shard_alone = find_thresholds(_FixedOldModel(), _batches(0, count=4)[rank::2], "cpu", "median",
+                                      3, 4, nb_bins=20, threshold=0.95, legacy=True)
+        assert torch.equal(torch.load(tmp_path / f"legacy{rank}.pt", weights_only=True),
+                           shard_alone.thresholds)
+    legacy_union = find_thresholds(_FixedOldModel(), _batches(0, count=4), "cpu", "median", 3, 4,
+                                   nb_bins=20, threshold=0.95, legacy=True)
+    assert not torch.equal(legacy_union.thresholds, shard_alone.thresholds)
+    assert len(list((tmp_path / "cache").glob("thresholds_*.pt"))) == 2
 
 
 def test_histogram_accumulation_is_additive():

@@ -28,10 +28,22 @@ these are exactly the pixels labelled 0). ``keep_old_gt=True`` restricts them to
 so that old-class ground truth (exemplar-memory samples, ``current+old`` masking) is kept.
 
 Thresholds: one pass of the old model over the training set fills a per-class histogram of
-``u`` (100 bins) or ``m`` (20 bins) over ground-truth background pixels; histograms are summed
-over ranks; the per-class median is read from it. PLOP's published median adds the bin *index*
-instead of the bin *count* to its running sum (it can return -inf, nan or a number outside the
-bin range); ``legacy=True`` reproduces it to the bit, the default computes the true median.
+``u`` (100 bins) or ``m`` (20 bins) over background pixels; histograms are summed over ranks; the
+per-class median is read from it. Which pixels are "background": label 0 of the step's mapped
+labels (PLOP; old- and future-class pixels are 0 there), or with ``raw_labels=True`` raw class id
+0 of the unmapped masks (the SATS repository, whose dataset returned raw labels: pixels of old,
+new and future classes never enter a histogram).
+
+The published median adds the bin *index* instead of the bin *count* to its running sum (it can
+return -inf, nan or a number outside the bin range). ``legacy`` reproduces one of the published
+versions bit for bit, histogram per rank (no all-reduce):
+
+* ``"sats"`` (also ``True``, what ``--pseudo_median_legacy`` selects): float32 histograms (a bin
+  stops growing at 2**24 pixels), float32 totals, and every infinite threshold replaced by 0.005
+  after the clamp;
+* ``"plop"``: int64 histograms; infinite thresholds are kept.
+
+The default (``legacy=False``) computes the true median of histograms summed over all ranks.
 """
 from __future__ import annotations
 
@@ -41,7 +53,7 @@ import math
 import os
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, NamedTuple, Optional
 
@@ -52,6 +64,10 @@ from utils.reduce import channel_max
 
 __all__ = [
     "PSEUDO_KINDS",
+    "LEGACY_MEDIANS",
+    "SATS_INFINITE_THRESHOLD",
+    "legacy_median_flavour",
+    "histogram_dtype",
     "PseudoLabels",
     "Thresholds",
     "ThresholdKey",
@@ -73,6 +89,11 @@ PSEUDO_KINDS = ("naive", "threshold", "confidence", "median", "entropy")
 
 # Bins used by PLOP when --pseudo_nb_bins is not given.
 _DEFAULT_NB_BINS = {"entropy": 100, "probability": 20}
+
+# The published median computations ``legacy`` can select, and the value the SATS repository
+# writes over an infinite threshold.
+LEGACY_MEDIANS = ("sats", "plop")
+SATS_INFINITE_THRESHOLD = 0.005
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,23 +309,51 @@ def default_nb_bins(statistic: str) -> int:
         raise ValueError(f"statistic must be 'entropy' or 'probability', got {statistic!r}") from None
 
 
+def legacy_median_flavour(legacy) -> Optional[str]:
+    """``None`` (true median), ``"sats"`` or ``"plop"`` from a ``legacy`` argument.
+
+    ``False``/``None`` -> ``None``; ``True`` -> ``"sats"`` (what ``--pseudo_median_legacy`` means:
+    this project's presets are the SATS repository's); a string must be one of
+    :data:`LEGACY_MEDIANS`.
+    """
+    if legacy is None or legacy is False:
+        return None
+    if legacy is True:
+        return "sats"
+    if isinstance(legacy, str) and legacy in LEGACY_MEDIANS:
+        return legacy
+    raise ValueError(f"legacy median {legacy!r}: expected False, True or one of {LEGACY_MEDIANS}")
+
+
+def histogram_dtype(legacy=False) -> torch.dtype:
+    """float32 for the SATS repository's histograms (its counts saturate at 2**24 per bin, as
+    adding 1.0 to a float32 2**24 gives 2**24), int64 otherwise."""
+    return torch.float32 if legacy_median_flavour(legacy) == "sats" else torch.long
+
+
 def accumulate_histogram(
     histogram: torch.Tensor,
     logits_old: torch.Tensor,
     labels: torch.Tensor,
     statistic: str,
     max_entropy: Optional[float] = None,
+    background: Optional[torch.Tensor] = None,
 ) -> None:
-    """Add one batch to ``histogram`` (C x nb_bins, int64) in place.
+    """Add one batch to ``histogram`` (C x nb_bins; int64, or float32 for the SATS legacy) in place.
 
-    Only pixels with ``label == 0`` count. Row = old argmax; column =
+    Only ``background`` pixels count (default ``labels == 0``). Row = old argmax; column =
     ``min(floor(v * nb_bins), nb_bins - 1)`` with ``v = m`` (probability) or
-    ``v = plop_entropy(p) / max_entropy`` (entropy).
+    ``v = plop_entropy(p) / max_entropy`` (entropy). Ones are added in the histogram's dtype, one
+    at a time per cell, so a float32 bin saturates at 2**24 exactly as the published code's did.
     """
     nb_bins = histogram.shape[1]
     probs = torch.softmax(logits_old.float(), dim=1)
     max_probs, predicted = channel_max(probs)
-    background = labels == 0
+    if background is None:
+        background = labels == 0
+    elif background.shape != labels.shape:
+        raise ValueError(f"background mask shape {tuple(background.shape)} differs from the labels' "
+                         f"{tuple(labels.shape)}")
     if statistic == "entropy":
         if max_entropy is None:
             raise ValueError("the entropy histogram needs max_entropy = log(C)")
@@ -329,28 +378,34 @@ def all_reduce_histogram(histogram: torch.Tensor) -> torch.Tensor:
     return histogram
 
 
-def median_from_histogram(counts: torch.Tensor, legacy: bool = False) -> float:
+def median_from_histogram(counts: torch.Tensor, legacy=False) -> float:
     """Median of one class's histogram (``nb_bins`` counts over [0, 1]), linearly interpolated
     inside its bin. Returns 0.0 for an empty histogram.
 
     True median (default): ``j`` = first bin with ``S_j >= n/2`` where ``S_j`` is the inclusive
     cumulative count; ``median = j/nb + (n/2 - S_{j-1}) / h_j / nb``.
 
-    ``legacy=True`` reproduces PLOP's ``find_median`` bit for bit: the running sum grows by the
-    bin index ``j`` (as the float ``(j / nb) * nb``, which is 28.999999999999996 for j=29, nb=100)
-    instead of ``h_j``; the bin read is ``int((j / nb) * nb)``; the loop stops at the first ``j``
-    with ``run <= n/2 <= run + h``; without a stop it ends on the last bin; the result is computed
-    in float32 and may be -inf/+inf/nan or lie outside [0, 1].
+    ``legacy`` (``"sats"``/``True`` or ``"plop"``) reproduces the published loop bit for bit: the
+    running sum grows by the bin index ``j`` (as the float ``(j / nb) * nb``, which is
+    28.999999999999996 for j=29, nb=100) instead of ``h_j``; the bin read is
+    ``int((j / nb) * nb)``; the loop stops at the first ``j`` with ``run <= n/2 <= run + h``;
+    without a stop it ends on the last bin; the result is computed in float32 and may be
+    -inf/+inf/nan or lie outside [0, 1]. The counts keep their dtype and device (the total of a
+    float32 histogram is a float32 sum, as published).
     """
     if counts.dim() != 1:
         raise ValueError(f"counts must be 1-D, got shape {tuple(counts.shape)}")
     nb_bins = counts.numel()
-    counts = counts.detach().cpu().long()
+    counts = counts.detach()
+    if legacy_median_flavour(legacy) is not None:
+        total = counts.sum()
+        if total <= 0:
+            return 0.0
+        return _published_median(counts, total, nb_bins)
+    counts = counts.cpu().long()
     total = counts.sum()
     if total <= 0:
         return 0.0
-    if legacy:
-        return _published_median(counts, total, nb_bins)
     half = total.item() / 2.0
     cumulative = torch.cumsum(counts, 0)
     j = int(torch.nonzero(cumulative >= half)[0])
@@ -374,20 +429,24 @@ def thresholds_from_histograms(
     histograms: torch.Tensor,
     statistic: str,
     base_threshold: float,
-    legacy: bool = False,
+    legacy=False,
 ) -> torch.Tensor:
-    """Per-class thresholds from (C x nb_bins) histograms; float32 tensor of length C.
+    """Per-class thresholds from (C x nb_bins) histograms; float32 tensor of length C (on the
+    histograms' device).
 
     ``tau_c = median_c`` (0 for an empty row) then clamped by the base threshold:
     entropy ``tau_c = max(tau_c, base)``, probability ``tau_c = min(tau_c, base)``. The clamp
     keeps Python's ``max``/``min`` semantics of the published code (a nan median stays nan).
+    ``legacy="sats"`` (or ``True``) then sets every infinite ``tau_c`` to 0.005, as the SATS
+    repository does; ``"plop"`` keeps them.
     """
     if histograms.dim() != 2:
         raise ValueError(f"histograms must be (C, nb_bins), got shape {tuple(histograms.shape)}")
     if statistic not in _DEFAULT_NB_BINS:
         raise ValueError(f"statistic must be 'entropy' or 'probability', got {statistic!r}")
+    flavour = legacy_median_flavour(legacy)
     medians = torch.tensor(
-        [median_from_histogram(row, legacy=legacy) for row in histograms], dtype=torch.float32
+        [median_from_histogram(row, legacy=flavour or False) for row in histograms], dtype=torch.float32
     )
     base = torch.tensor(base_threshold, dtype=torch.float32)
     clamped = torch.empty_like(medians)
@@ -396,7 +455,9 @@ def thresholds_from_histograms(
             clamped[c] = base if base > median else median
         else:
             clamped[c] = base if base < median else median
-    return clamped
+    if flavour == "sats":
+        clamped[torch.isinf(clamped)] = SATS_INFINITE_THRESHOLD
+    return clamped.to(histograms.device)
 
 
 def base_threshold_for(mode: str, threshold: float, step: int = 0,
@@ -410,6 +471,22 @@ def base_threshold_for(mode: str, threshold: float, step: int = 0,
     return float(base)
 
 
+def _background_of(batch, labels: torch.Tensor, raw_labels: bool, device) -> torch.Tensor:
+    """Pixels whose old-model statistics enter the histogram (module docstring)."""
+    if not raw_labels:
+        return labels == 0
+    raw = getattr(batch, "raw_label", None)
+    if raw is None:
+        raise ValueError(
+            "raw-label thresholds need batches carrying the unmapped label (a 'raw_label' field); "
+            "iterate over a loader of dataset.with_raw_labels(train_dataset)")
+    raw = raw.to(device, dtype=torch.long)
+    if raw.shape != labels.shape:
+        raise ValueError(f"raw labels shape {tuple(raw.shape)} differs from the labels' "
+                         f"{tuple(labels.shape)}")
+    return raw == 0
+
+
 @torch.no_grad()
 def find_thresholds(
     old_model: torch.nn.Module,
@@ -419,20 +496,25 @@ def find_thresholds(
     nb_old_classes: int,
     nb_current_classes: int,
     nb_bins: Optional[int] = None,
-    legacy: bool = False,
+    legacy=False,
     threshold: float = 0.9,
     step: int = 0,
     step_threshold: Optional[float] = None,
     logger=None,
+    raw_labels: bool = False,
 ) -> Thresholds:
     """PLOP's per-class thresholds for ``mode`` (``median[_X]`` or ``entropy[_X]``), computed once
     per step with the old model over ``loader`` (the training set).
 
     ``loader`` yields ``(images, labels)`` or ``(images, labels, saliency)``; the old model is
     called as ``logits, _ = old_model(images)``. Histograms have ``nb_current_classes`` rows and
-    ``nb_bins`` columns (default 100 entropy / 20 probability), are summed over ranks, and go
-    through :func:`thresholds_from_histograms` with :func:`base_threshold_for` as the clamp.
-    Every rank must call this (the all-reduce is collective).
+    ``nb_bins`` columns (default 100 entropy / 20 probability), are summed over ranks (not with
+    ``legacy``: one histogram per rank, as published), and go through
+    :func:`thresholds_from_histograms` with :func:`base_threshold_for` as the clamp.
+
+    ``raw_labels=True``: batches must also carry the unmapped masks as ``batch.raw_label`` (what a
+    loader over ``dataset.with_raw_labels(...)`` yields) and only pixels with raw class id 0 are
+    counted, as in the SATS repository. Every rank must call this (the all-reduce is collective).
     """
     statistic = threshold_statistic(mode)
     if statistic is None:
@@ -444,33 +526,38 @@ def find_thresholds(
     nb_bins = default_nb_bins(statistic) if nb_bins is None else int(nb_bins)
     if nb_bins < 1:
         raise ValueError(f"nb_bins must be positive, got {nb_bins}")
+    flavour = legacy_median_flavour(legacy)
     max_entropy = _max_entropy_value(nb_current_classes) if statistic == "entropy" else None
 
     device = torch.device(device)
     was_training = old_model.training
     old_model.eval()
-    histogram = torch.zeros(nb_current_classes, nb_bins, dtype=torch.long, device=device)
+    histogram = torch.zeros(nb_current_classes, nb_bins, dtype=histogram_dtype(flavour or False),
+                            device=device)
     try:
         for batch in loader:
             images, labels = batch[0].to(device, dtype=torch.float32), batch[1].to(device, dtype=torch.long)
             logits_old, _ = old_model(images)
             _check_label_logits(labels, logits_old, nb_old_classes)
-            accumulate_histogram(histogram, logits_old, labels, statistic, max_entropy)
+            background = _background_of(batch, labels, raw_labels, device)
+            accumulate_histogram(histogram, logits_old, labels, statistic, max_entropy, background)
     finally:
         old_model.train(was_training)
-    all_reduce_histogram(histogram)
+    if flavour is None:
+        all_reduce_histogram(histogram)
+        histogram = histogram.cpu()
 
     base = base_threshold_for(mode, threshold, step, step_threshold)
-    thresholds = thresholds_from_histograms(histogram.cpu(), statistic, base, legacy=legacy)
-    _report_thresholds(thresholds, legacy, logger)
+    thresholds = thresholds_from_histograms(histogram, statistic, base, legacy=flavour or False)
+    _report_thresholds(thresholds.cpu(), flavour, logger)
     return Thresholds(thresholds.to(device), max_entropy)
 
 
-def _report_thresholds(thresholds: torch.Tensor, legacy: bool, logger) -> None:
+def _report_thresholds(thresholds: torch.Tensor, flavour: Optional[str], logger) -> None:
     bad = [c for c, value in enumerate(thresholds.tolist()) if not math.isfinite(value)]
     if bad:
         message = (f"pseudo-label thresholds are not finite for classes {bad} "
-                   f"({'published median computation' if legacy else 'unexpected'}): "
+                   f"({'published median computation' if flavour else 'unexpected'}): "
                    f"{thresholds.tolist()}")
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         if logger is not None:
@@ -512,7 +599,7 @@ class ThresholdKey:
     step: int
     mode: str
     nb_bins: Optional[int]
-    legacy: bool
+    legacy: bool | str
     threshold: float
     step_threshold: Optional[float]
     nb_old_classes: int
@@ -568,15 +655,27 @@ class ThresholdCache:
     def get_or_compute(self, key: ThresholdKey, compute: Callable[[], Thresholds],
                        device: torch.device | str | None = None) -> Thresholds:
         """Load the thresholds of ``key`` or run ``compute()`` (collective: all ranks) and save
-        them from rank 0. Ranks agree on the cache hit so that either all or none compute."""
+        them from rank 0. Ranks agree on the cache hit so that either all or none compute.
+
+        Legacy thresholds (``key.legacy``) are computed per rank, so with several ranks each rank
+        keeps its own file (the rank is added to the key) and a re-run gives every rank its own
+        thresholds back."""
+        per_rank = _per_rank_thresholds(key)
+        if per_rank:
+            key = replace(key, extra={**dict(key.extra), "rank": dist.get_rank()})
         cached = self.load(key)
         if not _all_ranks_agree(cached is not None):
             value = compute()
-            if not dist.is_initialized() or dist.get_rank() == 0:
+            if per_rank or not dist.is_initialized() or dist.get_rank() == 0:
                 self.save(key, value)
             return value
         return Thresholds(cached.thresholds.to(device) if device is not None else cached.thresholds,
                           cached.max_entropy)
+
+
+def _per_rank_thresholds(key: ThresholdKey) -> bool:
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return distributed and legacy_median_flavour(key.legacy) is not None
 
 
 def _jsonable(value):
