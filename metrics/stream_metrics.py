@@ -25,9 +25,11 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["StreamSegMetrics", "summarize_step", "summary_labels"]
+__all__ = ["StreamSegMetrics", "summarize_step", "summary_labels", "harmonic_mean", "SUMMARY_KEYS"]
 
 EPS = 1e-6
+# ``summarize_step``'s keys in ``summary_labels``' order (the last three only on request).
+SUMMARY_KEYS = ("base", "new", "all", "hIoU", "base_fg", "hIoU_fg")
 
 
 class StreamSegMetrics:
@@ -177,30 +179,56 @@ def _nanmean_or_nan(values):
     return float(values.mean()) if values.size else math.nan
 
 
-def summarize_step(class_iou, n_base, n_seen):
+def harmonic_mean(a, b):
+    """``2ab / (a + b)``: NaN when either is NaN, 0 when both are 0 (the limit of the formula)."""
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    if a + b == 0:
+        return 0.0
+    return 2.0 * a * b / (a + b)
+
+
+def summarize_step(class_iou, n_base, n_seen, hiou=False, old_without_background=False):
     """Paper-style summary of one step's per-class IoU.
 
     ``base`` = mean IoU over classes ``0..n_base-1`` (background counted among the base classes,
-    as the SATS/PLOP tables do), ``new`` = mean over ``n_base..n_seen-1`` (NaN when there are none),
-    ``all`` = mean over ``0..n_seen-1``. Means ignore classes absent from the ground truth (NaN or
-    "X"), so ``all`` equals the step's Mean IoU. ``class_iou`` is a dict {class index: IoU} or a
-    sequence, indexed in task order (the model's channel order).
+    as the SATS/PLOP tables and DKD's "old" do), ``new`` = mean over ``n_base..n_seen-1`` (NaN when
+    there are none), ``all`` = mean over ``0..n_seen-1``. Means ignore classes absent from the
+    ground truth (NaN or "X"), so ``all`` equals the step's Mean IoU. ``class_iou`` is a dict
+    {class index: IoU} or a sequence, indexed in task order (the model's channel order).
+
+    On request (the default keys stay base/new/all, which callers iterate):
+
+    - ``hiou``: ``hIoU`` = ``2·base·new / (base + new)``, DKD's harmonic mean of old and new; NaN
+      when ``new`` (step 0) or ``base`` is NaN.
+    - ``old_without_background`` (MiB's and WILSON's tables, e.g. "1-15"): ``base_fg`` = mean over
+      ``1..n_base-1`` and ``hIoU_fg`` = harmonic mean of ``base_fg`` and ``new``.
     """
     if not 1 <= n_base <= n_seen:
         raise ValueError(f"need 1 <= n_base <= n_seen, got n_base={n_base}, n_seen={n_seen}")
     values = _iou_values(class_iou, n_seen)
-    return {
+    summary = {
         "base": _nanmean_or_nan(values[:n_base]),
         "new": _nanmean_or_nan(values[n_base:n_seen]),
         "all": _nanmean_or_nan(values),
     }
+    if hiou:
+        summary["hIoU"] = harmonic_mean(summary["base"], summary["new"])
+    if old_without_background:
+        summary["base_fg"] = _nanmean_or_nan(values[1:n_base])
+        summary["hIoU_fg"] = harmonic_mean(summary["base_fg"], summary["new"])
+    return summary
 
 
-def summary_labels(n_base, n_seen):
-    """Column names for ``summarize_step``'s base/new/all values as the papers print them.
+def summary_labels(n_base, n_seen, hiou=False, old_without_background=False):
+    """Column names for ``summarize_step``'s values as the papers print them, in the order of its
+    keys (``SUMMARY_KEYS``): base, new, all, then ``"hIoU"`` with ``hiou``, then the foreground
+    base classes and their hIoU with ``old_without_background``.
 
     ``summary_labels(16, 21) == ["0-15", "16-20", "all"]``; ``summary_labels(20, 21) == ["0-19",
-    "20", "all"]``; with no new classes the middle name is "new".
+    "20", "all"]``; with no new classes the middle name is "new";
+    ``summary_labels(16, 21, hiou=True, old_without_background=True) == ["0-15", "16-20", "all",
+    "hIoU", "1-15", "hIoU 1-15"]``.
     """
     if not 1 <= n_base <= n_seen:
         raise ValueError(f"need 1 <= n_base <= n_seen, got n_base={n_base}, n_seen={n_seen}")
@@ -209,4 +237,10 @@ def summary_labels(n_base, n_seen):
         return str(first) if first == last else f"{first}-{last}"
 
     new = span(n_base, n_seen - 1) if n_seen > n_base else "new"
-    return [span(0, n_base - 1), new, "all"]
+    labels = [span(0, n_base - 1), new, "all"]
+    if hiou:
+        labels.append("hIoU")
+    if old_without_background:
+        foreground = span(1, n_base - 1) if n_base > 1 else "base fg"
+        labels += [foreground, f"hIoU {foreground}"]
+    return labels

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metrics import StreamSegMetrics, summarize_step, summary_labels
+from metrics import SUMMARY_KEYS, StreamSegMetrics, harmonic_mean, summarize_step, summary_labels
 
 # One 2x3 image, 3 classes; 255 is ignored.
 GT = [[0, 0, 1], [1, 255, 2]]
@@ -116,6 +116,48 @@ def test_summarize_step_counts_background_among_base_classes():
     assert summary_labels(20, 21) == ["0-19", "20", "all"]
     with pytest.raises(ValueError):
         summarize_step(class_iou, n_base=22, n_seen=21)
+
+
+def test_hiou_is_the_harmonic_mean_of_base_and_new():
+    # base = (0.9+0.6+0.3)/3 = 0.6, new = (0.4+0.2)/2 = 0.3, hIoU = 2·0.6·0.3/0.9 = 0.4
+    summary = summarize_step([0.9, 0.6, 0.3, 0.4, 0.2], n_base=3, n_seen=5, hiou=True)
+    assert summary["base"] == pytest.approx(0.6) and summary["new"] == pytest.approx(0.3)
+    assert summary["all"] == pytest.approx(0.48)
+    assert summary["hIoU"] == pytest.approx(0.4)
+    assert list(summary) == ["base", "new", "all", "hIoU"]
+    # the default keys and values do not move
+    assert summarize_step([0.9, 0.6, 0.3, 0.4, 0.2], 3, 5) == {k: summary[k] for k in ("base", "new", "all")}
+
+
+def test_hiou_on_dkd_worked_example():
+    # 4 classes, old = {0, 1}, new = {2, 3}; IoU 50.0000125, 66.6666889, 50.000025, 0 (in %)
+    summary = summarize_step([0.500000125, 0.666666889, 0.50000025, 0.0], n_base=2, n_seen=4, hiou=True)
+    assert 100 * summary["base"] == pytest.approx(58.3333507, abs=1e-6)
+    assert 100 * summary["new"] == pytest.approx(25.0000125, abs=1e-6)
+    assert 100 * summary["hIoU"] == pytest.approx(35.0000154, abs=1e-6)
+
+
+def test_hiou_is_undefined_without_new_classes_and_zero_when_both_are():
+    step0 = summarize_step([0.5, 0.7], n_base=2, n_seen=2, hiou=True, old_without_background=True)
+    assert math.isnan(step0["new"]) and math.isnan(step0["hIoU"]) and math.isnan(step0["hIoU_fg"])
+    assert step0["base_fg"] == pytest.approx(0.7)
+    absent_new = summarize_step([0.5, 0.7, "X"], n_base=2, n_seen=3, hiou=True)
+    assert math.isnan(absent_new["hIoU"])
+    assert summarize_step([0.0, 0.0, 0.0], n_base=2, n_seen=3, hiou=True)["hIoU"] == 0.0
+    assert harmonic_mean(0.6, 0.0) == 0.0 and math.isnan(harmonic_mean(math.nan, 0.5))
+
+
+def test_old_without_background():
+    # base_fg = (0.6+0.3)/2 = 0.45, hIoU_fg = 2·0.45·0.3/0.75 = 0.36; background 0.9 left out
+    summary = summarize_step([0.9, 0.6, 0.3, 0.4, 0.2], n_base=3, n_seen=5, old_without_background=True)
+    assert list(summary) == ["base", "new", "all", "base_fg", "hIoU_fg"]
+    assert summary["base_fg"] == pytest.approx(0.45)
+    assert summary["hIoU_fg"] == pytest.approx(0.36)
+    assert summary["base"] == pytest.approx(0.6)
+    assert summary_labels(16, 21, hiou=True, old_without_background=True) == [
+        "0-15", "16-20", "all", "hIoU", "1-15", "hIoU 1-15"]
+    assert summary_labels(2, 3, old_without_background=True) == ["0-1", "2", "all", "1", "hIoU 1"]
+    assert list(SUMMARY_KEYS) == ["base", "new", "all", "hIoU", "base_fg", "hIoU_fg"]
 
 
 def _free_port():
