@@ -198,9 +198,16 @@ def _add_training_options(parser):
     g.add_argument("--momentum", type=float, default=0.9,
                    help="SGD (Nesterov) momentum (the originals hard-coded 0.9)")
     g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay of every group")
-    g.add_argument("--lr_policy", type=str, default="poly", choices=["poly", "step"],
-                   help="poly: lr*(1-i/max_iter)^lr_power per iteration; step: StepLR per "
-                        "iteration with --lr_decay_step and --lr_decay_factor")
+    g.add_argument("--lr_policy", type=str, default="poly", choices=["poly", "step", "warm_poly"],
+                   help="poly: lr*(1-i/max_iter)^lr_power per iteration; step: StepLR with --lr_decay_step "
+                        "and --lr_decay_factor; warm_poly: poly times a linear warm-up from 0.001x over the "
+                        "first 10%% of the step's iterations (clovaai/SSUL's ADE schedule)")
+    g.add_argument("--lr_body0", type=float, default=None,
+                   help="step 0 only: learning rate of the body (default: --lr; the SSUL preset sets "
+                        "clovaai/SSUL's 0.001)")
+    g.add_argument("--lr_head0", type=float, default=None,
+                   help="step 0 only: learning rate of the head and classifiers (default: --lr x --lr_head; "
+                        "the SSUL preset sets 0.01)")
     g.add_argument("--lr_decay_step", type=int, default=5000,
                    help="StepLR period in iterations (--lr_policy step)")
     g.add_argument("--lr_decay_factor", type=float, default=0.1,
@@ -413,8 +420,9 @@ def _check_training_numbers(opts):
     for name, value in positive.items():
         if value < 1:
             raise UsageError(f"--{name} must be >= 1, got {value}")
-    if opts.lr_head <= 0:
-        raise UsageError(f"--lr_head must be > 0, got {opts.lr_head}")
+    for name in ("lr_head", "lr_body0", "lr_head0"):
+        if getattr(opts, name) is not None and getattr(opts, name) <= 0:
+            raise UsageError(f"--{name} must be > 0, got {getattr(opts, name)}")
     if opts.stop_after_epochs is not None and opts.stop_after_epochs < 1:
         raise UsageError(f"--stop_after_epochs must be >= 1, got {opts.stop_after_epochs}")
     if opts.max_nan_skips < 0:

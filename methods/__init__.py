@@ -28,7 +28,7 @@ __all__ = [
     "Component", "Context", "Criterion", "CrossEntropy", "LossTerm", "MethodSpec", "Recipe", "StepInfo",
     "TargetBuilder", "Targets", "IGNORE", "register_component", "register_method", "components", "specs",
     "names", "memory_names", "techniques", "get", "parse", "Parsed", "build_recipe", "step_info",
-    "step0_family", "label_space",
+    "step0_family", "step0_method", "sweep_settings", "label_space", "param_groups", "memory_pseudo_labels",
 ]
 
 _COMPONENTS: list = []
@@ -158,9 +158,38 @@ def parse(text: Optional[str]) -> Parsed:
 
 def step0_family(text: Optional[str]) -> str:
     """The step-0 model a method shares (``"ce"`` for FT/LWF/ILT/MiB/PLOP/SATS, else its own).
-    A technique does not change it unless its spec says so."""
+    A technique keeps its base method's family."""
+    return get(parse(text).base).step0_family
+
+
+def step0_method(family: str) -> str:
+    """The method that trains a family's step 0: the first listed base method of that family."""
+    for name in names():
+        if get(name).step0_family == family:
+            return name
+    raise ValueError(f"no method has the step-0 family {family!r}")
+
+
+SWEEP_DEFAULTS = {"voc": {"epochs": 30, "lr0": 0.01, "lr": 0.001}, "ade": {"epochs": 60, "lr0": 0.01, "lr": 0.001}}
+
+
+def sweep_settings(text: str, dataset: str, task: str) -> dict:
+    """The sweep scripts' values for a method on ``dataset``/``task``: the defaults, then the base
+    method's and each technique's own (the authors' scripts), the more specific key last.
+    Returns ``{"epochs", "lr0", "lr", "args", "step0_args", "step0_family", "step0_method"}``."""
     parsed = parse(text)
-    return get(parsed.base).step0_family
+    settings = dict(SWEEP_DEFAULTS[dataset], args=[], step0_args=[])
+    for name in (parsed.base,) + parsed.techniques:
+        sweep = get(name).sweep
+        for key in (dataset, f"{dataset}:{task}"):
+            for field_name, value in sweep.get(key, {}).items():
+                if field_name in ("args", "step0_args"):
+                    settings[field_name] = settings[field_name] + list(value)
+                else:
+                    settings[field_name] = value
+    family = step0_family(text)
+    settings.update(step0_family=family, step0_method=step0_method(family))
+    return settings
 
 
 # --------------------------------------------------------------------------------------------

@@ -290,3 +290,6 @@ class MethodSpec:
     refuses: dict = field(default_factory=dict)
     summary: str = ""
     order: int = 100  # position in listings
+    # The authors' sweep values where they differ from the scripts' defaults, per dataset or
+    # "dataset:task": {"epochs", "lr0", "lr", "args" (steps > 0), "step0_args"}.
+    sweep: dict = field(default_factory=dict)

@@ -14,22 +14,28 @@ def add_switch(group, name, help_text, default=False):
 
 def default_param_groups(model, opts, step: int) -> list:
     """SGD groups: body (left out with ``--freeze`` at step > 0), head and classifiers
-    (``lr × --lr_head``; the old classifiers ``× --lr_old`` when given), the cosine scale."""
+    (``lr × --lr_head``; the old classifiers ``× --lr_old`` when given), the cosine scale.
+    At step 0, ``--lr_body0`` / ``--lr_head0`` replace the body's and the head's rates."""
     groups = []
+    head_lr = opts.lr * opts.lr_head
+    body_lr = opts.lr
+    if step == 0:
+        body_lr = opts.lr_body0 if opts.lr_body0 is not None else body_lr
+        head_lr = opts.lr_head0 if opts.lr_head0 is not None else head_lr
 
-    def add(params, lr_scale):
+    def add(params, lr):
         params = [p for p in params if p.requires_grad]
         if params:
-            groups.append({"params": params, "lr": opts.lr * lr_scale, "weight_decay": opts.weight_decay})
+            groups.append({"params": params, "lr": lr, "weight_decay": opts.weight_decay})
 
     if not (opts.freeze and step > 0):
-        add(model.body.parameters(), 1.0)
-    add(model.head.parameters(), opts.lr_head)
+        add(model.body.parameters(), body_lr)
+    add(model.head.parameters(), head_lr)
     if opts.lr_old is not None and step > 0:
-        add([p for c in model.cls[:-1] for p in c.parameters()], opts.lr_head * opts.lr_old)
-        add(model.cls[-1].parameters(), opts.lr_head)
+        add([p for c in model.cls[:-1] for p in c.parameters()], head_lr * opts.lr_old)
+        add(model.cls[-1].parameters(), head_lr)
     else:
-        add(model.cls.parameters(), opts.lr_head)
+        add(model.cls.parameters(), head_lr)
     if getattr(model, "scalar", None) is not None:
-        add([model.scalar], opts.lr_head)
+        add([model.scalar], head_lr)
     return groups

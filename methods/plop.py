@@ -215,4 +215,7 @@ register_method(MethodSpec(
     "PLOP", preset={"pod": "local", "pod_factor": 0.01, "pod_logits": True, "pod_options": _PLOP_POD_OPTIONS,
                     "pseudo": "entropy", "threshold": 0.001, "classif_adaptive_factor": True,
                     "init_balanced": True},
-    memory=True, order=8, summary="entropy pseudo-labels + local POD"))
+    memory=True, order=8, summary="entropy pseudo-labels + local POD",
+    # PLOP's ADE scripts (also SATS's copies): weaker POD than the VOC preset
+    sweep={"ade": {"args": ["--pod_factor", "0.001", "--pod_options",
+                            '{"switch":{"after":{"extra_channels":"sum","factor":0.00001,"type":"local"}}}']}}))

@@ -119,5 +119,11 @@ register_component(SSUL())
 # --unknown --w_transfer
 register_method(MethodSpec(
     "SSUL", preset={"ssul": True, "bce": True, "unknown": True, "pseudo": "ssul", "ssul_pseudo_threshold": 0.7,
-                    "freeze": True, "bn_freeze": True, "w_transfer": True},
-    step0_family="ssul", memory=True, order=9, summary="unknown class + frozen network + BCE"))
+                    "freeze": True, "bn_freeze": True, "w_transfer": True,
+                    # clovaai/SSUL's step 0: backbone 0.001, head and classifiers 0.01, whatever --lr says
+                    "lr_body0": 0.001, "lr_head0": 0.01},
+    step0_family="ssul", memory=True, order=9, summary="unknown class + frozen network + BCE",
+    # clovaai/SSUL's README: VOC 50 epochs lr 0.01, ADE 100 epochs lr 0.05 with warm_poly
+    sweep={"voc": {"epochs": 50, "lr0": 0.01, "lr": 0.01},
+           "ade": {"epochs": 100, "lr0": 0.05, "lr": 0.05, "args": ["--lr_policy", "warm_poly"],
+                   "step0_args": ["--lr_policy", "warm_poly"]}}))

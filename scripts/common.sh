@@ -4,8 +4,10 @@
 # run_sweep then, from the repository root:
 #   1. trains step 0 once per (task, step-0 recipe, model) under a shared name, unless its
 #      checkpoint already exists: every method whose step 0 is plain cross-entropy (FT, LWF, ILT,
-#      MiB, PLOP, SATS and their -M variants) reuses the same file; LWF-MC, EWC, RW, PI and SSUL
-#      have their own step 0 (BCE, regulariser importance, unknown channel);
+#      MiB, PLOP, SATS, their -M variants and their +technique combinations) reuses the same file;
+#      LWF-MC, EWC, RW, PI and SSUL have their own step 0 (BCE, regulariser importance, unknown
+#      channel). The registry (methods/, `python scripts/method_info.py METHOD DATASET TASK`)
+#      says which;
 #   2. tests that step-0 model under the method's name (so the method's results file has a step-0
 #      row), then trains and tests every incremental step in turn, step 1 starting from the shared
 #      file (--step_ckpt);
@@ -33,7 +35,8 @@
 #                     results file is kept
 #   EXTRA_ARGS        extra run.py options for every command (arguments of the script are added too)
 #   DRY_RUN=1         print the commands instead of running them
-#   PYTHON=python, TORCHRUN=torchrun, START_DATE (default: today)
+#   PYTHON (default: .venv/bin/python if present, else python), TORCHRUN=torchrun,
+#   START_DATE (default: today)
 
 set -euo pipefail
 
@@ -71,59 +74,18 @@ _run_torch() {
     fi
 }
 
-_method_key() {
-    printf '%s' "$METHOD" | tr '[:upper:]' '[:lower:]'
-}
-
-# Which step-0 model a method can share: methods whose step 0 is plain cross-entropy share "ce".
-_step0_family() {
-    case "$(_method_key)" in
-        ft | lwf | ilt | mib | mib-m | plop | plop-m | sats | sats-m) echo ce ;;
-        lwf-mc) echo lwf-mc ;;   # BCE from step 0
-        ewc | rw | pi) _method_key ;;  # the importance is accumulated while training step 0
-        ssul | ssul-m) echo ssul ;;    # unknown channel + BCE from step 0
-        *) echo "unknown METHOD=$METHOD" >&2; return 1 ;;
-    esac
-}
-
-_step0_method() {
-    case "$1" in
-        ce) echo FT ;;
-        lwf-mc) echo LWF-MC ;;
-        ssul) echo SSUL ;;
-        *) printf '%s' "$1" | tr '[:lower:]' '[:upper:]' ;;
-    esac
-}
-
-# Per-method, per-dataset values of the papers' scripts that differ from the preset or the
-# common defaults. Sets DEFAULT_EPOCHS, DEFAULT_LR0, DEFAULT_LR and METHOD_ARGS (array, steps > 0).
+# The method's step-0 family, the method that trains it, and the authors' per-dataset values
+# (epochs, learning rates, extra options), from the method registry (methods/).
 _method_settings() {
-    METHOD_ARGS=()
-    DEFAULT_LR0=0.01
-    DEFAULT_LR=0.001
-    if [[ $DATASET == ade ]]; then DEFAULT_EPOCHS=60; else DEFAULT_EPOCHS=30; fi
-    case "$(_method_key)" in
-        plop | plop-m)
-            if [[ $DATASET == ade ]]; then
-                # PLOP's ADE scripts (also SATS's copies): weaker POD than the VOC preset
-                METHOD_ARGS=(--pod_factor 0.001
-                    --pod_options '{"switch":{"after":{"extra_channels":"sum","factor":0.00001,"type":"local"}}}')
-            fi
-            ;;
-        ssul | ssul-m)
-            # clovaai/SSUL README: VOC 50 epochs lr 0.01, ADE 100 epochs lr 0.05, at every step
-            if [[ $DATASET == ade ]]; then
-                DEFAULT_EPOCHS=100 DEFAULT_LR0=0.05 DEFAULT_LR=0.05
-            else
-                DEFAULT_EPOCHS=50 DEFAULT_LR0=0.01 DEFAULT_LR=0.01
-            fi
-            ;;
-    esac
+    local info
+    info=$(cd "$REPO_ROOT" && "$PYTHON" scripts/method_info.py "$METHOD" "$DATASET" "$TASK") || return 1
+    eval "$info"
 }
 
 _configure() {
     : "${METHOD:?the sweep script must set METHOD}" "${DATASET:?set DATASET}" "${TASK:?set TASK}"
     DRY_RUN=${DRY_RUN:-0}
+    if [[ -z ${PYTHON:-} && -x $REPO_ROOT/.venv/bin/python ]]; then PYTHON=$REPO_ROOT/.venv/bin/python; fi
     PYTHON=${PYTHON:-python}
     TORCHRUN=${TORCHRUN:-torchrun}
     GPU=${GPU:-0}
@@ -152,7 +114,6 @@ _configure() {
     START_DATE=${START_DATE:-$(date +%Y-%m-%d)}
     read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 
-    STEP0_FAMILY=$(_step0_family)
     STEP0_NAME="${STEP0_PREFIX}-${STEP0_FAMILY}-${MODEL}"
     STEP0_CKPT="${CHECKPOINT_DIR}/${TASK}-${DATASET}_${STEP0_NAME}_0.pth"
     RESULTS_FILE="results/${START_DATE}_${DATASET}_${TASK}_${NAME}.csv"
@@ -170,7 +131,7 @@ _common_args() {
 
 _train_shared_step0() {
     local args=("${COMMON[@]}" --name "$STEP0_NAME" --step 0 --lr "$LR0" --epochs "$INITIAL_EPOCHS"
-        --method "$(_step0_method "$STEP0_FAMILY")" "${EXTRA[@]}" "$@")
+        --method "$STEP0_METHOD" "${STEP0_ARGS[@]}" "${EXTRA[@]}" "$@")
     if [[ -f $STEP0_CKPT ]]; then
         echo "step 0: reusing $STEP0_CKPT" >&2
         return 0

@@ -50,6 +50,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: the repository's modules 
 import numpy as np  # noqa: E402
 
 import tasks  # noqa: E402
+import methods  # noqa: E402
 from argparser import canonical_method  # noqa: E402
 from tasks import canonical_task  # noqa: E402
 from metrics import summarize_step, summary_labels  # noqa: E402
@@ -63,11 +64,6 @@ DEFAULT_TASKS = ("15-5", "15-1")
 FIRST_SEED = 42
 LOG_TAIL_LINES = 40
 
-# Step-0 family of each method (the canonical name, memory suffix removed) and the method that
-# trains the family's step 0.
-_FAMILY_OF = {"FT": "ce", "LWF": "ce", "ILT": "ce", "MiB": "ce", "PLOP": "ce", "SATS": "ce",
-              "LWF-MC": "lwf-mc", "EWC": "ewc", "RW": "rw", "PI": "pi", "SSUL": "ssul"}
-_STEP0_METHOD = {"ce": "FT", "lwf-mc": "LWF-MC", "ewc": "EWC", "rw": "RW", "pi": "PI", "ssul": "SSUL"}
 # Methods that train every step with the step-0 learning rate.
 _SAME_LR_AT_EVERY_STEP = {"SSUL"}
 # Upper bound of the learning rate after step 0. LwF-MC's iCaRL term is a BCE summed over the old
@@ -119,15 +115,13 @@ class Run:
 
 # ----------------------------------------------------------------------------------- naming
 def method_label(method: str) -> str:
-    """Canonical spelling of a method, ``-M`` kept: ``"mib-m"`` -> ``"MiB-M"``."""
-    name, memory = canonical_method(method)
-    return f"{name}-M" if memory else name
+    """Canonical spelling of a method, techniques and ``-M`` kept: ``"mib+ewf-m"`` -> ``"MiB+EWF-M"``."""
+    return methods.parse(method).label
 
 
 def step0_family(method: str) -> str:
-    """The step-0 model a method shares: ``"ce"`` for FT/LWF/ILT/MiB/PLOP/SATS, else its own."""
-    name, _ = canonical_method(method)
-    return _FAMILY_OF[name]
+    """The step-0 model a method shares (the registry's): ``"ce"`` for FT/LWF/ILT/MiB/PLOP/SATS."""
+    return methods.step0_family(method)
 
 
 def step0_name(family: str, seed: int) -> str:
@@ -219,13 +213,17 @@ def plan_runs(methods, task_names, seeds, settings: Settings, workdir, data_root
                 name = step0_name(family, seed)
                 if step0_done(workdir, task, name):
                     continue
-                argv = [python, script, *common, "--name", name, "--method", _STEP0_METHOD[family],
+                step0_method = methods.step0_method(family)
+                argv = [python, script, *common, "--name", name, "--method", step0_method,
                         "--step", "0", "--lr", _number(settings.lr0), "--epochs", str(settings.epochs0)]
                 if family == "ssul":
                     # SSUL freezes the network only from step 1 (clovaai/SSUL: `opts.freeze and
                     # curr_step > 0`); run.py's param_groups applies --freeze at step 0 as well.
                     argv.append("--no_freeze")
-                runs.append(Run("step0", _STEP0_METHOD[family], name, task, seed, [0], argv,
+                    # every step 0 here trains from scratch at one rate; clovaai's two step-0 rates
+                    # (the SSUL preset: body 0.001, head 0.01) are for an ImageNet-pretrained body
+                    argv += ["--lr_body0", _number(settings.lr0), "--lr_head0", _number(settings.lr0)]
+                runs.append(Run("step0", step0_method, name, task, seed, [0], argv,
                                 _log_path(workdir, task, name, [0])))
             for label in labels:
                 name = method_run_name(label, seed)
