@@ -362,10 +362,17 @@ def test_write_run_info_keeps_other_steps(tmp_path):
 
 
 EXPECTED_REPORT = """\
-  step     0-19       20      all
-     0    70.00        -    70.00
-     1    60.00    30.00    58.57
-   avg    65.00    30.00    64.29
+step  base 0-19  new 20    all   hIoU
+   0      70.00       -  70.00      -
+   1      60.00   30.00  58.57  40.00
+ avg      65.00   30.00  64.29  40.00
+after step 1:
+  base 0-19: 60.00
+  new 20: 30.00
+  all: 58.57
+  hIoU: 40.00"""
+# The originals' lines (SATS/PLOP average_csv.py), printed with --legacy_lines.
+LEGACY_LINES = """\
 Last Step: 1
 Final Mean IoU 58.57
 Average Mean IoU 64.29
@@ -373,17 +380,19 @@ Mean IoU first 60.0
 Mean IoU last 30.0"""
 
 
-def _write_19_1_results(path):
+def _write_19_1_results(path, base=0.6, new=0.3):
     step0 = {c: 0.7 for c in range(20)}
     step0[5] = float("nan")
     append_results_row(path, 0, step0, 21, 20, 0.7)
-    append_results_row(path, 1, [0.6] * 20 + [0.3], 21, 21, 12.3 / 21)
+    append_results_row(path, 1, [base] * 20 + [new], 21, 21, (20 * base + new) / 21)
 
 
 def test_average_csv_report(tmp_path):
     path = tmp_path / "r.csv"
     _write_19_1_results(path)
+    # step 1: base 0.6, new 0.3, hIoU = 2·0.6·0.3 / 0.9 = 0.4; all = (20·0.6 + 0.3) / 21
     assert average_csv.summarize(path, "voc", "19-1") == EXPECTED_REPORT
+    assert average_csv.summarize(path, "voc", "19-1", legacy_lines=True) == EXPECTED_REPORT + "\n" + LEGACY_LINES
     # the originals' header-less file, boundary from the first row
     legacy = tmp_path / "legacy.csv"
     legacy.write_text("\n".join(path.read_text().splitlines()[1:]) + "\n")
@@ -392,14 +401,70 @@ def test_average_csv_report(tmp_path):
         average_csv.summarize(path, "voc", "15-5")
 
 
+def test_average_csv_old_without_background(tmp_path):
+    path = tmp_path / "r.csv"
+    append_results_row(path, 0, [0.9, 0.6, 0.3], 5, 3, 0.6)
+    append_results_row(path, 1, [0.9, 0.6, 0.3, 0.4, 0.2], 5, 5, 0.48)
+    # step 1: base 0.6, new 0.3, hIoU 0.4; without background: (0.6+0.3)/2 = 0.45, hIoU 2·0.45·0.3/0.75 = 0.36
+    assert average_csv.summarize(path, old_without_background=True).splitlines() == [
+        "step  base 0-2  new 3-4    all   hIoU  base 1-2  hIoU 1-2",
+        "   0     60.00        -  60.00      -     45.00         -",
+        "   1     60.00    30.00  48.00  40.00     45.00     36.00",
+        " avg     60.00    30.00  54.00  40.00     45.00     36.00",
+        "after step 1:",
+        "  base 0-2: 60.00", "  new 3-4: 30.00", "  all: 48.00", "  hIoU: 40.00",
+        "  base 1-2: 45.00", "  hIoU 1-2: 36.00",
+    ]
+
+
+def test_average_csv_mean_and_std_over_files(tmp_path):
+    paths = []
+    for name, base, new in (("a", 0.6, 0.3), ("b", 0.62, 0.2), ("c", 0.58, 0.4)):
+        paths.append(tmp_path / f"{name}.csv")
+        _write_19_1_results(paths[-1], base, new)
+    lines = average_csv.summarize(paths, "voc", "19-1", legacy_lines=True).splitlines()
+    assert lines[0] == f"3 files, mean ± sample std over the files: {paths[0]}, {paths[1]}, {paths[2]}"
+    # base 60, 62, 58 -> 60 ± 2; new 30, 20, 40 -> 30 ± 10; all (20b+n)/21: 58.571, 60, 57.143 -> 58.57 ± 1.43
+    # hIoU 2bn/(b+n): 40, 30.244, 47.347 -> 39.20 ± 8.58
+    assert lines[1:5] == [
+        "step     base 0-19         new 20           all          hIoU",
+        "   0  70.00 ± 0.00              -  70.00 ± 0.00             -",
+        "   1  60.00 ± 2.00  30.00 ± 10.00  58.57 ± 1.43  39.20 ± 8.58",
+        " avg  65.00 ± 1.00  30.00 ± 10.00  64.29 ± 0.71  39.20 ± 8.58",
+    ]
+    assert lines[5:10] == ["after step 1:", "  base 0-19: 60.00 ± 2.00", "  new 20: 30.00 ± 10.00",
+                           "  all: 58.57 ± 1.43", "  hIoU: 39.20 ± 8.58"]
+    assert lines[10] == f"{paths[0]}:" and lines[11:16] == LEGACY_LINES.splitlines()
+    assert lines[16:22] == [f"{paths[1]}:", "Last Step: 1", "Final Mean IoU 60.0", "Average Mean IoU 65.0",
+                            "Mean IoU first 62.0", "Mean IoU last 20.0"]
+    short = tmp_path / "short.csv"
+    append_results_row(short, 0, [0.7] * 20, 21, 20, 0.7)
+    with pytest.raises(ValueError, match=r"short.csv holds steps \[0\] but .*a.csv holds \[0, 1\]"):
+        average_csv.summarize([paths[0], short])
+
+
+def _average_csv(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "average_csv.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, check=False)
+
+
 def test_average_csv_command_line(tmp_path):
     path = tmp_path / "r.csv"
     _write_19_1_results(path)
-    done = subprocess.run([sys.executable, str(ROOT / "average_csv.py"), str(path),
-                           "--dataset", "voc", "--task", "19-1"],
-                          capture_output=True, text=True, cwd=tmp_path, check=False)
+    done = _average_csv(path, "--dataset", "voc", "--task", "19-1", "--legacy_lines", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == EXPECTED_REPORT + "\n"
-    done = subprocess.run([sys.executable, str(ROOT / "average_csv.py"), str(tmp_path / "none.csv")],
-                          capture_output=True, text=True, cwd=tmp_path, check=False)
-    assert done.returncode == 1 and "none.csv" in done.stderr
+    assert done.stdout == EXPECTED_REPORT + "\n" + LEGACY_LINES + "\n"
+    # user errors: one line, status 2, no traceback
+    (tmp_path / "bad.csv").write_text("step,0,1,mIoU\n0,0.5,abc,0.5\n")
+    for bad, message in ((tmp_path / "none.csv", f"error: results file not found: {tmp_path / 'none.csv'}"),
+                         (tmp_path / "bad.csv", "error: ")):
+        done = _average_csv(path, bad, cwd=tmp_path)
+        assert (done.returncode, done.stdout) == (2, "")
+        assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+    assert "bad.csv: step 0 has a cell that is not an IoU" in done.stderr
+    # argument errors: argparse's usage line and the message
+    done = _average_csv(path, "--task", "19-1", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("usage: average_csv.py")
+    assert "error: --task needs --dataset" in done.stderr and "Traceback" not in done.stderr
+    done = _average_csv(path, "--dataset", "voc", "--task", "19-7", cwd=tmp_path)
+    assert done.returncode == 2 and "average_csv.py: error: task '19-7'" in done.stderr
