@@ -22,6 +22,7 @@ from torch.utils.data import Subset
 from . import transform
 from .ade import AdeSegmentationIncremental
 from .incremental import RawLabelSample, with_raw_labels
+from .skips import SkipAwareLoader, SkipCounter, TooManySkippedSamples, report_skips, skip_counter_of
 from .voc import VOCSegmentationIncremental
 
 __all__ = [
@@ -33,6 +34,11 @@ __all__ = [
     "index_folder",
     "with_raw_labels",
     "RawLabelSample",
+    "SkipAwareLoader",
+    "SkipCounter",
+    "TooManySkippedSamples",
+    "report_skips",
+    "skip_counter_of",
 ]
 
 _DATASETS = {"voc": VOCSegmentationIncremental, "ade": AdeSegmentationIncremental}
@@ -110,4 +116,6 @@ def get_dataset(opts):
         test_on_val=opts.test_on_val,
         ignore_test_bg=opts.ignore_test_bg,
     )
+    for split, dst in (("train", train_dst), ("val", val_dst), ("test", test_dst)):
+        skip_counter_of(dst).name = split  # how skipped samples are named in reports
     return train_dst, val_dst, test_dst, len(labels_cum)

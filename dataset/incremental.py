@@ -15,18 +15,20 @@ lists come from ``tasks.get_task_labels`` and never contain 0 once stripped. Thi
    ``data_masking="new"`` and ``ignore_test_bg``).
 
 The per-image class sets come from one scan of every mask of a split (``scan_class_presence``,
-a process pool with a progress bar). The scan result and the selected indices are cached on disk
-next to the originals' index files (``<path_base>/train-<step>.npy``) together with a JSON sidecar
-holding a fingerprint of the split list; a changed list, task table or overlap flag rebuilds them
-(the originals silently reused stale files).
+a process pool with a progress bar), which also compares each mask's size with its image's (read
+from the image header), so a mismatch stops the run before training, naming the files. The scan
+result and the selected indices are cached on disk next to the originals' index files
+(``<path_base>/train-<step>.npy``) together with a JSON sidecar holding a fingerprint of the split
+list and its files; a changed list, file, task table or overlap flag rebuilds them (the originals
+silently reused stale files).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
-import copy
 import multiprocessing
 import os
 import tempfile
@@ -39,19 +41,16 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision import tv_tensors
 
+from .skips import SkipCounter, SkippedSample, UnreadableSampleError
+
 logger = logging.getLogger(__name__)
 
 VOID = 255
 DATA_MASKING_MODES = ("current", "current+old", "all", "new")
 INVALID = -1  # LUT entry of a value that is not a class id of the dataset
-MAX_SUBSTITUTIONS = 10
 
 # Scans are shared by the datasets built over the same split list in one process (val and test).
 _PRESENCE_MEMO: dict[str, np.ndarray] = {}
-
-
-class UnreadableSampleError(OSError):
-    """An image, mask or saliency file that exists but cannot be decoded."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ def _open_single_channel(path: str) -> Image.Image:
     except FileNotFoundError:
         raise
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise UnreadableSampleError(f"cannot decode mask/saliency file {path}: {error}") from error
+        raise UnreadableSampleError(f"cannot decode mask/saliency file {path}: {error}", path) from error
     if image.mode not in ("P", "L"):
         raise ValueError(
             f"{path}: expected a single-channel PNG (palette 'P' or grayscale 'L' mode holding "
@@ -117,7 +116,7 @@ def read_image(path: str) -> Image.Image:
     except FileNotFoundError:
         raise
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise UnreadableSampleError(f"cannot decode image file {path}: {error}") from error
+        raise UnreadableSampleError(f"cannot decode image file {path}: {error}", path) from error
 
 
 def check_class_ids(present: np.ndarray, n_classes: int, path: str) -> None:
@@ -131,59 +130,113 @@ def check_class_ids(present: np.ndarray, n_classes: int, path: str) -> None:
 
 
 def class_presence(path: str, n_classes: int) -> np.ndarray:
-    """Boolean vector of length 256: entry ``c`` is True iff value ``c`` occurs in the mask.
+    """Boolean vector of length 256: entry ``c`` is True iff value ``c`` occurs in the mask."""
+    return _mask_presence(_open_single_channel(path), n_classes, path)
 
-    Uses PIL's C histogram of the palette indices (faster than ``np.unique`` on the pixels).
-    """
-    histogram = np.asarray(_open_single_channel(path).histogram()[:256])
-    present = histogram > 0
+
+def _mask_presence(mask: Image.Image, n_classes: int, path: str) -> np.ndarray:
+    # PIL's C histogram of the palette indices (faster than np.unique on the pixels)
+    present = np.asarray(mask.histogram()[:256]) > 0
     check_class_ids(present, n_classes, path)
     return present
 
 
-def _presence_worker(args):
-    path, n_classes = args
-    return class_presence(path, n_classes)
+def image_size(path: str) -> Optional[tuple]:
+    """``(width, height)`` from the image file's header (nothing decoded); None when the header
+    cannot be read (the sample is then left out when it is loaded, see ``dataset.skips``)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return None
+
+
+def size_mismatch(mask_path: str, mask_size: tuple, image_path: str) -> Optional[str]:
+    """The message naming both files when the mask's ``(width, height)`` is not the image's."""
+    size = image_size(image_path)
+    if size is None or tuple(size) == tuple(mask_size):
+        return None
+    return (f"{mask_path} is {mask_size[0]}x{mask_size[1]} but its image {image_path} is "
+            f"{size[0]}x{size[1]}")
+
+
+def _scan_worker(args):
+    """Presence vector of one mask and, when its image is given, the size mismatch (or None)."""
+    mask_path, image_path, n_classes = args
+    mask = _open_single_channel(mask_path)
+    mismatch = size_mismatch(mask_path, mask.size, image_path) if image_path else None
+    return _mask_presence(mask, n_classes, mask_path), mismatch
 
 
 def scan_class_presence(
-    mask_paths: Sequence[str], n_classes: int, workers: int = 2, desc: str = "scanning masks"
+    mask_paths: Sequence[str], n_classes: int, workers: int = 2, desc: str = "scanning masks",
+    image_paths: Optional[Sequence[str]] = None, source: str = "the split list",
 ) -> np.ndarray:
-    """Read every mask once; ``(N, 256) bool`` matrix of the values present in each."""
+    """Read every mask once; ``(N, 256) bool`` matrix of the values present in each.
+
+    With ``image_paths`` (same order) each image's size is read from its header and compared with
+    its mask's; after the scan one ``ValueError`` lists every pair that differs (``source`` names
+    the list in the message).
+    """
     from tqdm import tqdm
 
+    if image_paths is not None and len(image_paths) != len(mask_paths):
+        raise ValueError(f"{len(image_paths)} images for {len(mask_paths)} masks")
     presence = np.zeros((len(mask_paths), 256), dtype=bool)
-    jobs = [(p, n_classes) for p in mask_paths]
+    images = image_paths if image_paths is not None else [None] * len(mask_paths)
+    jobs = [(m, i, n_classes) for m, i in zip(mask_paths, images)]
+    mismatches = []
     progress = tqdm(total=len(jobs), desc=desc, unit="mask", leave=False, mininterval=1.0)
     if workers <= 1 or len(jobs) < 64:
-        rows = map(_presence_worker, jobs)
-        for i, row in enumerate(rows):
-            presence[i] = row
-            progress.update()
+        results = map(_scan_worker, jobs)
+        pool = None
     else:
         # fork keeps worker start-up cheap; the workers only touch PIL and numpy.
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
         chunk = max(16, min(256, len(jobs) // (workers * 8)))
-        with context.Pool(workers) as pool:
-            for i, row in enumerate(pool.imap(_presence_worker, jobs, chunksize=chunk)):
-                presence[i] = row
-                progress.update()
-    progress.close()
+        pool = context.Pool(workers)
+        results = pool.imap(_scan_worker, jobs, chunksize=chunk)
+    try:
+        for i, (row, mismatch) in enumerate(results):
+            presence[i] = row
+            if mismatch:
+                mismatches.append(mismatch)
+            progress.update()
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        progress.close()
+    if mismatches:
+        _raise_size_mismatches(mismatches, source)
     return presence
 
 
+def _raise_size_mismatches(mismatches: list, source: str, at_most: int = 10) -> None:
+    more = [f"... and {len(mismatches) - at_most} more"] if len(mismatches) > at_most else []
+    raise ValueError(
+        f"{len(mismatches)} masks listed by {source} do not have their image's size:\n  "
+        + "\n  ".join(mismatches[:at_most] + more)
+        + "\na mask must have its image's size; fix these files or remove them from the list")
+
+
 def split_fingerprint(files: SampleFiles) -> str:
-    """SHA-1 over the mask list: root-relative path, size and modification time of each mask.
+    """SHA-1 over the split's files: root-relative path, size and modification time of each mask
+    and image.
 
     Index ``i`` of a cache file is a line number of the split list, so the cache is valid only
-    for the same list of the same files; regenerating or replacing masks changes size/mtime.
+    for the same list of the same files; regenerating or replacing a mask or an image changes
+    size/mtime, and a new scan then checks the classes and the mask/image sizes again.
     """
     digest = hashlib.sha1()
-    for path in files.masks:
-        stat = os.stat(path)
-        rel = os.path.relpath(path, files.root)
-        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for mask, image in zip(files.masks, files.images):
+        for path in (mask, image):
+            stat = os.stat(path)
+            rel = os.path.relpath(path, files.root)
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -249,7 +302,8 @@ def load_class_presence(
             presence = np.unpackbits(packed, axis=1).astype(bool)
     if presence is None:
         presence = scan_class_presence(
-            files.masks, n_classes, workers, desc=f"class scan of {len(files)} masks ({files.source})"
+            files.masks, n_classes, workers, desc=f"class scan of {len(files)} masks ({files.source})",
+            image_paths=files.images, source=files.source,
         )
         if npy:
             _save_npy(npy, np.packbits(presence, axis=1))
@@ -477,8 +531,10 @@ class IncrementalSegmentationDataset(Dataset):
     With ``return_raw_label`` (see :func:`with_raw_labels`) a sample is a
     :class:`RawLabelSample` ``(image, label, raw_label)``, ``raw_label`` the mask's class ids.
 
-    An image that cannot be decoded is replaced by the next index (deterministically), counted in
-    ``skipped`` (per process: DataLoader workers keep their own count) and logged.
+    A sample whose image, mask or saliency file cannot be decoded is never replaced by another:
+    ``dataset[i]`` logs it and returns a :class:`~dataset.skips.SkippedSample`, which a
+    :class:`~dataset.skips.SkipAwareLoader` leaves out of the batch and records in ``skips``, this
+    dataset's :class:`~dataset.skips.SkipCounter` (in the main process; see ``dataset.skips``).
     """
 
     def __init__(
@@ -504,8 +560,7 @@ class IncrementalSegmentationDataset(Dataset):
         self.n_classes = n_classes
         self.train = train
         self.transform = transform
-        self.skipped = 0
-        self.skipped_files: list = []
+        self.skips = SkipCounter("train" if train else "val")
         self.labels = strip_background(labels)
         self.labels_old = strip_background(labels_old)
         self.scan_workers = scan_workers
@@ -597,20 +652,9 @@ class IncrementalSegmentationDataset(Dataset):
                 index += len(self)
             else:
                 raise IndexError(f"index {index} out of range for {len(self)} samples")
-        failures = []
-        for attempt in range(min(MAX_SUBSTITUTIONS, len(self))):
-            candidate = (index + attempt) % len(self)
-            try:
-                return self._transformed(candidate)
-            except UnreadableSampleError as error:
-                self.skipped += 1
-                self.skipped_files.append(self.image_path(candidate))
-                failures.append(str(error))
-                logger.warning(
-                    "skipping sample %d (%s); using sample %d instead. %d skipped so far.",
-                    candidate, error, (candidate + 1) % len(self), self.skipped,
-                )
-        raise RuntimeError(
-            f"{len(failures)} consecutive samples from index {index} cannot be read:\n  "
-            + "\n  ".join(failures)
-        )
+        try:
+            return self._transformed(index)
+        except UnreadableSampleError as error:
+            path = error.path or self.image_path(index)
+            logger.warning("sample %d left out: %s", index, error)
+            return SkippedSample(index, path, str(error))

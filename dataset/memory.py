@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dataset.skips import SkipCounter, skip_collate, skip_counter_of
 from utils.reduce import channel_max
 from utils.ssul import ssul_pseudo_label
 
@@ -144,12 +145,14 @@ PseudoFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def collect_candidates(candidate_dataset: Dataset, names: Sequence[str], old_model=None,
                        pseudo_fn: Optional[PseudoFn] = None, device: torch.device | str = "cpu",
                        batch_size: int = 1, num_workers: int = 0) -> list[MemoryEntry]:
-    """One :class:`MemoryEntry` per sample of ``candidate_dataset`` (in dataset order).
+    """One :class:`MemoryEntry` per readable sample of ``candidate_dataset`` (in dataset order).
 
     Samples are ``(image, label, ...)`` with labels in the step's label space. Without
     ``old_model`` the classes come from the label; with it, from
     ``pseudo_fn(label, logits_old)`` where ``logits_old, _ = old_model(images)``.
-    ``batch_size > 1`` needs images of one size (e.g. SSUL's resize + centre crop).
+    ``batch_size > 1`` needs images of one size (e.g. SSUL's resize + centre crop). A sample
+    that cannot be read (see ``dataset.skips``) is no candidate; it is recorded in the dataset's
+    skip counter.
     """
     if len(names) != len(candidate_dataset):
         raise ValueError(f"{len(names)} names for {len(candidate_dataset)} candidate samples")
@@ -159,16 +162,25 @@ def collect_candidates(candidate_dataset: Dataset, names: Sequence[str], old_mod
     if old_model is not None:
         was_training = old_model.training
         old_model.eval()
-    loader = DataLoader(candidate_dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    # skip_collate keeps each readable sample's batch position, so names stay aligned
+    loader = DataLoader(candidate_dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=skip_collate)
+    skips = skip_counter_of(candidate_dataset) or SkipCounter("memory candidates")
     entries: list[MemoryEntry] = []
+    start = 0
     try:
-        for batch in loader:
+        for collated in loader:
+            skips.record(collated.skipped)
+            batch, first = collated.data, start
+            start += len(collated.kept) + len(collated.skipped)
+            if batch is None:
+                continue
             labels = batch[1].to(device, dtype=torch.long)
             if old_model is not None:
                 logits_old, _ = old_model(batch[0].to(device, dtype=torch.float32))
                 labels = pseudo_fn(labels, logits_old)
-            for label in labels:
-                entries.append(MemoryEntry(names[len(entries)], classes_in_label(label)))
+            for position, label in zip(collated.kept, labels):
+                entries.append(MemoryEntry(names[first + position], classes_in_label(label)))
     finally:
         if old_model is not None:
             old_model.train(was_training)

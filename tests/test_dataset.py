@@ -427,24 +427,6 @@ def test_unreadable_image_is_named(voc_root):
         read_image(str(voc_root / "JPEGImages" / "im3.png"))
 
 
-def test_corrupt_image_is_skipped_counted_and_logged(voc_root, caplog):
-    (voc_root / "JPEGImages" / "im3.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    dataset = voc(voc_root)
-    with caplog.at_level(logging.WARNING):
-        image, label = dataset[3]
-    assert int(image[0, 0, 0]) == 4 * 40  # image 4 stands in for image 3
-    assert label[0].tolist() == COLUMNS[4]
-    assert dataset.skipped == 1 and dataset.skipped_files[0].endswith("im3.png")
-    assert "im3.png" in caplog.text
-
-
-def test_all_images_unreadable_raises(voc_root):
-    for i in range(6):
-        (voc_root / "JPEGImages" / f"im{i}.png").write_bytes(b"broken")
-    with pytest.raises(RuntimeError, match="cannot be read"):
-        voc(voc_root)[0]
-
-
 def test_missing_saliency_folder_is_an_error(voc_root):
     with pytest.raises(FileNotFoundError, match="saliency_map"):
         voc(voc_root, saliency=True)
