@@ -31,7 +31,6 @@ import json
 import logging
 import multiprocessing
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -40,6 +39,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision import tv_tensors
+
+from utils.io import atomic_write, atomic_write_text
 
 from .skips import SkipCounter, SkippedSample, UnreadableSampleError
 
@@ -245,26 +246,12 @@ def split_fingerprint(files: SampleFiles) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: str, write: Callable) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _save_npy(path: str, array: np.ndarray) -> None:
-    _atomic_write(path, lambda stream: np.save(stream, array))
+    atomic_write(path, lambda stream: np.save(stream, array))
 
 
 def _save_json(path: str, content: dict) -> None:
-    _atomic_write(path, lambda stream: stream.write(json.dumps(content, indent=1).encode()))
+    atomic_write_text(path, json.dumps(content, indent=1))
 
 
 def _load_json(path: str) -> Optional[dict]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -28,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dataset.skips import SkipCounter, skip_collate, skip_counter_of
+from utils.io import atomic_write_text
 from utils.reduce import channel_max
 from utils.ssul import ssul_pseudo_label
 
@@ -279,15 +279,7 @@ def save_memory(path: str | os.PathLike, entries: Sequence[MemoryEntry], meta: O
         "entries": [{"name": entry.name, "classes": list(entry.classes)} for entry in entries],
         "files": memory_file_list(entries),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_text(path, json.dumps(payload, indent=1))
     return path
 
 

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic saves, ``weights_only`` loads, the MiB/PLOP file name.
+"""Checkpoint files: atomic saves (``utils.io``), ``weights_only`` loads, the MiB/PLOP file name.
 
 A checkpoint is a dict (keys ``epoch``, ``model_state``, ``optimizer_state``, ``scheduler_state``,
 ``best_score``, ``trainer_state``, plus ``opts`` and ``classes`` here). Everything is converted to
@@ -10,11 +10,12 @@ naming its key, instead of at the next step's load.
 import argparse
 import os
 import pathlib
-import tempfile
 from collections import OrderedDict
 
 import numpy as np
 import torch
+
+from .io import atomic_write  # re-exported: callers import it from here
 
 __all__ = [
     "atomic_write",
@@ -42,53 +43,6 @@ def _numpy_scalar_globals():
     dtype_classes = [getattr(np.dtypes, f"{name}DType") for name in dtype_names
                      if hasattr(np, "dtypes") and hasattr(np.dtypes, f"{name}DType")]
     return [core.multiarray.scalar, np.dtype, *dtype_classes]
-
-
-def _file_mode():
-    """Permissions a plain ``open()`` would give (mkstemp creates 0600 files)."""
-    try:  # Linux: read the umask without changing it (os.umask is process-wide, not thread-safe)
-        with open("/proc/self/status") as status:
-            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        umask = os.umask(0)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path, write_to_file):
-    """Create ``path`` atomically: ``write_to_file(f)`` writes a temporary file in the same folder
-    (opened ``'wb'``), which is flushed, fsynced and renamed over ``path``. If anything raises, the
-    temporary file is removed and ``path`` is left as it was."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.chmod(tmp_path, _file_mode())
-        with os.fdopen(fd, "wb") as handle:
-            write_to_file(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder):
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def options_to_dict(opts):
@@ -131,7 +85,7 @@ def to_safe(obj, where="checkpoint"):
 
 
 def save_atomic(obj, path):
-    """``torch.save(to_safe(obj))`` to ``path`` through a temporary file (see ``atomic_write``)."""
+    """``torch.save(to_safe(obj))`` to ``path`` through a temporary file (``utils.io.atomic_write``)."""
     safe = to_safe(obj)
     atomic_write(path, lambda handle: torch.save(safe, handle))
 

@@ -51,7 +51,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -60,6 +59,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from utils.io import atomic_write
 from utils.reduce import channel_max
 
 __all__ = [
@@ -639,17 +639,9 @@ class ThresholdCache:
 
     def save(self, key: ThresholdKey, value: Thresholds) -> Path:
         path = self.path(key)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         payload = {"key": _jsonable(key.as_dict()), "thresholds": value.thresholds.detach().cpu(),
                    "max_entropy": value.max_entropy}
-        handle, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=path.name, suffix=".tmp")
-        os.close(handle)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda handle: torch.save(payload, handle))
         return path
 
     def get_or_compute(self, key: ThresholdKey, compute: Callable[[], Thresholds],

@@ -20,7 +20,8 @@ import json
 import math
 import os
 
-from .checkpoint import atomic_write, to_safe
+from .checkpoint import to_safe
+from .io import atomic_write_text
 
 __all__ = ["append_results_row", "read_results", "write_run_info", "run_info_path", "format_iou"]
 
@@ -65,7 +66,8 @@ def read_results(path):
 def append_results_row(path, step, class_iou, n_classes_total, n_seen, miou):
     """Write the row of ``step`` into the CSV at ``path`` (creating it), replacing an older row of
     the same step. ``class_iou``: dict {class index: IoU} or a sequence, NaN/"X" for classes absent
-    from the test ground truth; ``n_seen`` = classes seen so far, background included."""
+    from the test ground truth; ``n_seen`` = classes seen so far, background included. Returns
+    whether an older row of the step was replaced."""
     new_row = _row_cells(step, class_iou, n_classes_total, n_seen, miou)
     header = ["step", *map(str, range(n_classes_total)), "mIoU"]
     rows = []
@@ -76,11 +78,13 @@ def append_results_row(path, step, class_iou, n_classes_total, n_seen, miou):
             raise ValueError(
                 f"{path} holds rows of {sorted(widths)} columns, this row has {len(header)}: "
                 "it belongs to another dataset or run; use another file name")
+    replaced = any(int(row[0]) == int(step) for row in rows)
     rows = [row for row in rows if int(row[0]) != int(step)] + [new_row]
     rows.sort(key=lambda row: int(row[0]))
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
-    atomic_write(path, lambda handle: handle.write(buffer.getvalue().encode()))
+    atomic_write_text(path, buffer.getvalue())
+    return replaced
 
 
 def run_info_path(csv_path):
@@ -110,7 +114,7 @@ def write_run_info(path, info_dict, step=None):
         content["steps"] = dict(sorted(content["steps"].items(), key=lambda item: int(item[0])))
         info = content
     text = json.dumps(info, indent=2, sort_keys=False) + "\n"
-    atomic_write(json_path, lambda handle: handle.write(text.encode()))
+    atomic_write_text(json_path, text)
     return json_path
 
 
