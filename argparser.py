@@ -240,6 +240,8 @@ def _add_validation_options(parser):
                         "--name give); used by the first step of the invocation only")
     g.add_argument("--checkpoint", type=str, default="checkpoints/step",
                    help="checkpoint folder: {checkpoint}/{task}-{dataset}_{name}_{step}.pth")
+    g.add_argument("--allow_checkpoint_mismatch", action="store_true", default=False,
+                   help="accept a checkpoint whose recorded dataset, class order or model differs (logged)")
     _switch(g, "strict_weights",
                 "load checkpoints strictly (every key must match); CHANGED: the originals' flag "
                 "turned strict loading off", default=True)
@@ -420,6 +422,9 @@ def _check_training_numbers(opts):
     for name, value in positive.items():
         if value < 1:
             raise UsageError(f"--{name} must be >= 1, got {value}")
+    if opts.model.startswith("segformer") and opts.crop_size < 32:
+        raise UsageError(f"--crop_size {opts.crop_size} is too small for {opts.model}: its encoder downsamples "
+                         f"by 32, so crops need at least 32 pixels")
     for name in ("lr_head", "lr_body0", "lr_head0"):
         if getattr(opts, name) is not None and getattr(opts, name) <= 0:
             raise UsageError(f"--{name} must be > 0, got {getattr(opts, name)}")

@@ -16,10 +16,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import random
 import sys
+import tempfile
 import time
 from copy import deepcopy
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from metrics import StreamSegMetrics, summarize_step
 from segmentation_module import make_model
 from train import Trainer, amp_settings
 from utils import distributed as dist_utils
+from utils.distributed import unwrap
+from utils.errors import UserError, run_cli
+from utils.regularizer import check_finite_state
 from utils.checkpoint import checkpoint_path, load_checkpoint, options_to_dict, save_atomic, strip_prefix
 from utils.logger import Logger, confusion_matrix_figure
 from utils.results import append_results_row, write_run_info
@@ -111,24 +114,92 @@ def load_previous_step(opts, step, model, model_old, logger):
             f"--step_ckpt PATH.")
     ckpt = load_checkpoint(path)
     state = strip_prefix(ckpt["model_state"] if "model_state" in ckpt else ckpt)
-    _check_checkpoint_matches(ckpt, opts, tasks.get_per_task_classes(opts.dataset, opts.task, step - 1), path)
-    model_old.load_state_dict(state, strict=opts.strict_weights)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    check_checkpoint_identity(ckpt, opts, step - 1, path, logger)
+    _load_weights(model_old, state, path, opts, strict=opts.strict_weights)
+    missing, unexpected = _load_weights(model, state, path, opts, strict=False)
     newest = f"cls.{len(model.cls) - 1}."
     wrong = [k for k in missing if not k.startswith(newest)] + list(unexpected)
     if wrong and opts.strict_weights:  # --no_strict_weights: load what fits, as SATS did
-        raise RuntimeError(f"checkpoint {path} does not fit the step-{step} model: {wrong[:8]}")
+        raise UserError(f"checkpoint {path} does not fit the step-{step} model ({len(wrong)} tensors differ, "
+                        f"first {wrong[:4]}); is it a step {step - 1} checkpoint of this --model?")
+    regularizer_state = (ckpt.get("trainer_state") or {}).get("regularizer")
+    if regularizer_state is not None:
+        check_finite_state(regularizer_state, path)
     logger.info(f"Loaded step {step - 1} weights from {path}")
     return ckpt
 
 
-def _check_checkpoint_matches(ckpt, opts, expected_classes, path):
+def _load_weights(model, state, path, opts, strict):
+    """``model.load_state_dict`` with a one-line error for tensors of another shape."""
+    own = model.state_dict()
+    mis_shaped = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if mis_shaped:
+        first = mis_shaped[0]
+        raise UserError(f"checkpoint {path} does not fit --model {opts.model}: {len(mis_shaped)} tensors have "
+                        f"another shape (first {first}: {tuple(state[first].shape)} in the file, "
+                        f"{tuple(own[first].shape)} here); pass the --model (and --backbone) it was trained with")
+    return model.load_state_dict(state, strict=strict)
+
+
+def checkpoint_identity(opts, step: int) -> dict:
+    """What a checkpoint of ``step`` records about its run: dataset, task, the labels of every
+    step up to ``step`` (the class order) and the model."""
+    labels = [list(tasks.get_task_labels(opts.dataset, opts.task, s)) for s in range(step + 1)]
+    model = opts.model if opts.model != "deeplab" else f"deeplab-{opts.backbone}"
+    return {"dataset": opts.dataset, "task": opts.task, "labels": labels, "model": model}
+
+
+def check_checkpoint_identity(ckpt, opts, step, path, logger=None):
+    """Refuse a checkpoint of another dataset, class order or model (``--allow_checkpoint_mismatch``
+    logs the difference instead). Files without a record (the originals') are accepted with a note."""
+    expected_classes = tasks.get_per_task_classes(opts.dataset, opts.task, step)
     saved = ckpt.get("classes")
     if saved is not None and list(saved) != list(expected_classes):
-        raise ValueError(
+        raise UserError(
             f"checkpoint {path} was trained with classes {list(saved)} per step, but task "
             f"{opts.task} on {opts.dataset} expects {list(expected_classes)} here (another task or "
             f"dataset?)")
+    recorded = ckpt.get("identity")
+    if recorded is None:
+        if logger is not None:
+            logger.info(f"{path} records no dataset/task/class order (a file of the original code?): "
+                        f"only its class counts were checked")
+        return
+    expected = checkpoint_identity(opts, step)
+    differences = [f"{key}: {recorded.get(key)!r} in the file, {expected[key]!r} here"
+                   for key in ("dataset", "labels", "model") if recorded.get(key) != expected[key]]
+    if not differences:
+        return
+    message = (f"checkpoint {path} (task {recorded.get('task')}) is not a step-{step} checkpoint of this run "
+               f"(task {opts.task}): " + "; ".join(differences))
+    if not opts.allow_checkpoint_mismatch:
+        raise UserError(message + ". Pass the right file, or --allow_checkpoint_mismatch if you mean it")
+    if logger is not None:
+        logger.info("--allow_checkpoint_mismatch: " + message)
+
+
+def check_output_folders(opts) -> None:
+    """Before anything is trained: the folders a run writes to can be written (nothing is created)."""
+    for folder, option in ((opts.checkpoint, "--checkpoint"), ("results", "the results folder (./results)"),
+                           (opts.logdir, "--logdir")):
+        _check_writable(folder, option)
+
+
+def _check_writable(folder, option):
+    folder = os.path.abspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{option} {folder} is a file, not a folder; pass a folder path")
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{option} {folder}: {existing} is a file, not a folder; pass another path")
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=existing, prefix=".css-write-probe-")
+        probe.close()
+    except OSError as error:
+        raise UserError(f"{option} {folder} is not writable ({error.strerror}); pass a folder you can "
+                        f"write to") from None
 
 
 def freeze(model):
@@ -145,7 +216,9 @@ def run_step(opts, step, lr, device, rank, world):
     opts = deepcopy(opts)
     opts.step, opts.lr = step, lr
     logdir = os.path.join(opts.logdir, f"{opts.task}-{opts.dataset}", opts.name)
-    logger = Logger(logdir, rank=rank, debug=opts.debug, summary=opts.visualize, step=step)
+    # deferred: the log folder and the TensorBoard run appear once the checks have passed
+    logger = Logger(logdir, rank=rank, debug=opts.debug, summary=opts.visualize, step=step, deferred=True,
+                    world_size=world)
     try:
         return _run_step(opts, step, device, rank, world, logger)
     finally:
@@ -174,6 +247,7 @@ def _run_step(opts, step, device, rank, world, logger):
             model_old.to(device)
             trainer_state = load_previous_step(opts, step, model, model_old, logger).get("trainer_state")
             freeze(model_old)
+        logger.start()
         ckpt_file = train_step(opts, step, model, model_old, trainer_state, classes, device, rank, world,
                                logger, train_loader, val_loader, train_dst, n_classes)
 
@@ -182,8 +256,10 @@ def _run_step(opts, step, device, rank, world, logger):
     if not os.path.isfile(test_file):
         raise FileNotFoundError(f"--test needs a checkpoint: {test_file} does not exist (pass --ckpt PATH)")
     ckpt = load_checkpoint(test_file)
-    _check_checkpoint_matches(ckpt, opts, classes, test_file)
-    model.load_state_dict(strip_prefix(ckpt["model_state"] if "model_state" in ckpt else ckpt), strict=True)
+    check_checkpoint_identity(ckpt, opts, step, test_file, logger)
+    _load_weights(model, strip_prefix(ckpt["model_state"] if "model_state" in ckpt else ckpt), test_file, opts,
+                  strict=True)
+    logger.start()
     model.to(device)
     tester = Trainer(model, None, device, opts, classes=classes, step=step, logger=logger)
     _, score = tester.validate(test_loader, StreamSegMetrics(n_classes), end_task=True)
@@ -213,6 +289,7 @@ class StepRun:
 
 def train_step(opts, step, model, model_old, trainer_state, classes, device, rank, world, logger,
                train_loader, val_loader, train_dst, n_classes):
+    os.makedirs(opts.checkpoint, exist_ok=True)
     run = StepRun(opts, step, device, rank, world, logger, list(classes), model=model, model_old=model_old,
                   train_loader=train_loader, checkpoint=checkpoint_path(opts, step),
                   previous_checkpoint=previous_checkpoint_path(opts, step) if step > 0 else None)
@@ -249,7 +326,7 @@ def train_step(opts, step, model, model_old, trainer_state, classes, device, ran
         component.before_training(run, methods.step_info(opts, step, classes))
     trainer.before(train_loader, logger)
     ckpt_file = checkpoint_path(opts, step)
-    unwrapped = getattr(model, "module", model)
+    unwrapped = unwrap(model)
     for epoch in range(begin_epoch, opts.epochs):
         seed_everything(epoch_seed(opts, step, epoch))
         t0 = time.time()
@@ -316,6 +393,7 @@ def save_checkpoint(path, opts, step, epoch, model, optimizer, scheduler, scaler
         "step": step,
         "task": opts.task,
         "dataset": opts.dataset,
+        "identity": checkpoint_identity(opts, step),
         "opts": options_to_dict(opts),
     }
     save_atomic(state, path)
@@ -325,8 +403,8 @@ def resume(opts, path, model, optimizer, scheduler, scaler, trainer, classes, lo
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--ckpt {path} does not exist")
     ckpt = load_checkpoint(path)
-    _check_checkpoint_matches(ckpt, opts, classes, path)
-    getattr(model, "module", model).load_state_dict(strip_prefix(ckpt["model_state"]), strict=True)
+    check_checkpoint_identity(ckpt, opts, opts.step, path, logger)
+    _load_weights(unwrap(model), strip_prefix(ckpt["model_state"]), path, opts, strict=True)
     if "optimizer_state" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer_state"])
     if "scheduler_state" in ckpt:
@@ -353,13 +431,15 @@ def report_test(opts, step, score, n_classes, logger, world):
     if not dist_utils.is_main_process():
         return
     csv_path = os.path.join("results", f"{opts.date}_{opts.dataset}_{opts.task}_{opts.name}.csv")
-    append_results_row(csv_path, step, score["Class IoU"], opts.num_classes, n_classes, score["Mean IoU"])
+    replaced = append_results_row(csv_path, step, score["Class IoU"], opts.num_classes, n_classes,
+                                  score["Mean IoU"])
     write_run_info(csv_path[:-4] + ".json", {
         "options": options_to_dict(opts), "seed": opts.random_seed, "world_size": world,
         "batch_size_per_process": opts.batch_size, "global_batch_size": opts.batch_size * world,
     }, step=step)
     print_summary(opts, step, summary, n_base, n_classes)
-    print(f"Results appended to {csv_path}; TensorBoard logs in "
+    print(f"Results {'replaced (step ' + str(step) + ' again)' if replaced else 'appended'} in {csv_path}; "
+          f"TensorBoard logs in "
           f"{os.path.join(opts.logdir, f'{opts.task}-{opts.dataset}', opts.name)}")
 
 
@@ -378,14 +458,14 @@ def print_summary(opts, step, summary, n_base, n_seen):
 # entry point
 # --------------------------------------------------------------------------------------------
 def main(argv=None):
+    """Train and test the requested steps; returns the list of per-step test scores. User errors
+    raise (``utils.errors.UserError``, ``ValueError``, ``OSError``); the command line prints them."""
     opts = argparser.parse_options(argv)
+    check_output_folders(opts)
     device, rank, world = dist_utils.init_distributed(opts)
     opts.world_size = world
-    if opts.batch_size < 1:
-        raise ValueError("--batch_size must be at least 1 (it is per process)")
     steps = list(opts.step)
     lrs = list(opts.lr) * len(steps) if len(opts.lr) == 1 else list(opts.lr)
-    Path(opts.checkpoint).mkdir(parents=True, exist_ok=True)
     scores = []
     try:
         for i, (step, lr) in enumerate(zip(steps, lrs)):
@@ -400,4 +480,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

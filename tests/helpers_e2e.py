@@ -11,6 +11,8 @@ index caches under ``data/``) lands in the test's own folder.
 """
 from __future__ import annotations
 
+import datetime
+
 import contextlib
 import math
 import os
@@ -118,8 +120,10 @@ def checkpoint_file(cwd, name, step, task=TASK, dataset=DATASET) -> Path:
     return Path(cwd) / "checkpoints" / "step" / f"{task}-{dataset}_{name}_{step}.pth"
 
 
-def results_csv(cwd, name, task=TASK, dataset=DATASET, date="") -> Path:
-    """The results file ``results/{date}_{dataset}_{task}_{name}.csv`` of a run in ``cwd``."""
+def results_csv(cwd, name, task=TASK, dataset=DATASET, date=None) -> Path:
+    """The results file ``results/{date}_{dataset}_{task}_{name}.csv`` of a run in ``cwd``
+    (``--date`` defaults to today)."""
+    date = str(datetime.date.today()) if date is None else date
     return Path(cwd) / "results" / f"{date}_{dataset}_{task}_{name}.csv"
 
 

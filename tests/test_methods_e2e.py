@@ -38,6 +38,7 @@ class Case:
     own_step0: bool  # False: step 1 starts from the shared FT step-0 checkpoint
     step1_terms: frozenset  # the keys of the step-1 epoch line
     memory: bool = False
+    criterion0: str = "ce"  # the main criterion's key at step 0
 
     @property
     def steps(self):
@@ -45,27 +46,28 @@ class Case:
 
     @property
     def step0_terms(self):
-        return {"ce", "reg"} if "reg" in self.step1_terms else {"ce"}
+        return {self.criterion0, "reg"} if "reg" in self.step1_terms else {self.criterion0}
 
 
-def case(method, own_step0, *terms, memory=False):
-    return Case(method, own_step0, frozenset(("ce",) + terms), memory)
+def case(method, own_step0, criterion, *terms, memory=False, criterion0="ce"):
+    """``criterion``: the main criterion's log key at step 1 (its own name: ce, unce, bce, ssul)."""
+    return Case(method, own_step0, frozenset((criterion,) + terms), memory, criterion0)
 
 
 CASES = [
-    case("FT", False),
-    case("LWF", False, "kd"),
-    case("LWF-MC", True, "icarl"),
-    case("ILT", False, "kd", "de"),
-    case("EWC", True, "reg"),
-    case("RW", True, "reg"),
-    case("PI", True, "reg"),
-    case("MiB", False, "kd"),
-    case("PLOP", False, "pod"),
-    case("SSUL", True),
-    case("SATS", False, "kd", "sats"),
-    case("SATS-M", False, "kd", "sats", memory=True),
-    case("SSUL-M", True, memory=True),
+    case("FT", False, "ce"),
+    case("LWF", False, "ce", "kd"),
+    case("LWF-MC", True, "bce", "icarl", criterion0="bce"),
+    case("ILT", False, "ce", "kd", "de"),
+    case("EWC", True, "ce", "reg"),
+    case("RW", True, "ce", "reg"),
+    case("PI", True, "ce", "reg"),
+    case("MiB", False, "unce", "kd"),
+    case("PLOP", False, "ce", "pod"),
+    case("SSUL", True, "ssul", criterion0="ssul"),
+    case("SATS", False, "ce", "kd", "sats"),
+    case("SATS-M", False, "ce", "kd", "sats", memory=True),
+    case("SSUL-M", True, "ssul", memory=True, criterion0="ssul"),
 ]
 
 
@@ -122,10 +124,10 @@ def logged_epoch_losses(cwd, name):
 
 
 def recipe_keys(args, step):
-    """The loss keys the Trainer reports for these options: the criterion ('ce'), every term the
+    """The loss keys the Trainer reports for these options: the criterion's name, every term the
     recipe declares and 'reg' with a regularizer."""
     recipe = build_recipe(argparser.parse_options(args), step)
-    return {"ce"} | {t.name for t in recipe.terms} | ({"reg"} if recipe.regularizer else set())
+    return {recipe.criterion.name} | {t.name for t in recipe.terms} | ({"reg"} if recipe.regularizer else set())
 
 
 def retest_step1(cwd, name, args):

@@ -266,7 +266,7 @@ def test_two_gloo_processes():
 
 # --- logger ---------------------------------------------------------------------------------
 def test_logger_rank0_writes_log_and_tensorboard(tmp_path, capsys):
-    logger = Logger(str(tmp_path), rank=0, summary=True, step=2, debug=False)
+    logger = Logger(str(tmp_path), rank=0, summary=True, step=2, debug=False, world_size=2)
     logger.info("hello")
     logger.debug("hidden")
     logger.add_scalar("Loss", 0.5, 1)
@@ -283,7 +283,7 @@ def test_logger_rank0_writes_log_and_tensorboard(tmp_path, capsys):
 
 def test_logger_other_ranks_only_report_errors(tmp_path, capsys):
     logdir = tmp_path / "rank1"
-    logger = Logger(str(logdir), rank=1, summary=True, debug=True)
+    logger = Logger(str(logdir), rank=1, summary=True, debug=True, world_size=2)
     logger.info("quiet")
     logger.debug("quiet too")
     logger.add_scalar("Loss", 1.0, 0)
@@ -293,6 +293,31 @@ def test_logger_other_ranks_only_report_errors(tmp_path, capsys):
     assert "quiet" not in err
     assert "ERROR:rank1: something broke" in err
     assert not logdir.exists()
+
+
+def test_logger_of_a_world_of_one_has_no_rank_prefix(tmp_path, capsys):
+    logger = Logger(str(tmp_path), rank=0, summary=False)
+    logger.info("hello")
+    logger.close()
+    assert "INFO: hello" in (tmp_path / "log.txt").read_text()
+    assert "rank0" not in capsys.readouterr().err
+
+
+def test_a_deferred_logger_writes_nothing_until_started(tmp_path, capsys):
+    never = tmp_path / "never"
+    logger = Logger(str(never), rank=0, summary=True, deferred=True)
+    logger.info("checking the data")
+    logger.close()
+    assert not never.exists()  # a run that failed its checks leaves no log folder or TensorBoard run
+    started = tmp_path / "started"
+    logger = Logger(str(started), rank=0, summary=True, deferred=True)
+    logger.info("before start")
+    logger.start()
+    logger.info("after start")
+    logger.close()
+    log = (started / "log.txt").read_text()
+    assert log.index("before start") < log.index("after start")
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(started))
 
 
 def test_logger_rejects_unknown_backend_and_non_figures(tmp_path):

@@ -34,7 +34,7 @@ class Logger:
     """
 
     def __init__(self, logdir, rank, type="tensorboardX", debug=False, filename=None, summary=True,
-                 step=None):
+                 step=None, deferred=False, world_size=1):
         if type != "tensorboardX":
             raise ValueError(f"unknown logger type {type!r}; valid: 'tensorboardX'")
         self.logdir = logdir
@@ -43,42 +43,65 @@ class Logger:
         self.step = step
         self.debug_flag = debug
         self.writer = None
+        self._filename = filename
+        self._summary = summary
+        self._pending = []  # file lines logged before start() (deferred loggers)
         self._logger = logging.getLogger(f"css.logger.{next(_instances)}")
         self._logger.setLevel(logging.DEBUG)
         self._logger.propagate = False
-        formatter = logging.Formatter(f"%(levelname)s:rank{rank}: %(message)s")
+        # the rank prefix only where there are several ranks to tell apart
+        prefix = f"%(levelname)s:rank{rank}: " if world_size > 1 else "%(levelname)s: "
+        self._formatter = logging.Formatter(prefix + "%(message)s")
         console = logging.StreamHandler(sys.stderr)
-        console.setFormatter(formatter)
+        console.setFormatter(self._formatter)
         # Other ranks only report errors; rank 0 reports everything.
         console.setLevel(logging.DEBUG if rank == 0 else logging.ERROR)
         self._logger.addHandler(console)
         self._file_logger = None
-        if rank == 0:
-            os.makedirs(logdir, exist_ok=True)
-            log_file = logging.FileHandler(filename or os.path.join(logdir, "log.txt"))
-            log_file.setFormatter(formatter)
-            self._logger.addHandler(log_file)
-            self._file_logger = logging.getLogger(f"{self._logger.name}.file")
-            self._file_logger.setLevel(logging.DEBUG)
-            self._file_logger.propagate = False
-            self._file_logger.addHandler(log_file)
-            if summary:
-                import tensorboardX
+        self.started = False
+        if not deferred:
+            self.start()
 
-                self.writer = tensorboardX.SummaryWriter(logdir)
-            self.info(f"[!] starting logging at directory {logdir}")
-            self.debug("[!] Entering DEBUG mode")
+    def start(self):
+        """Create the log folder, ``log.txt`` and the TensorBoard writer (rank 0), and write the
+        lines logged so far. A deferred logger that is never started leaves nothing on disk."""
+        if self.started:
+            return
+        self.started = True
+        if self.rank != 0:
+            return
+        os.makedirs(self.logdir, exist_ok=True)
+        log_file = logging.FileHandler(self._filename or os.path.join(self.logdir, "log.txt"))
+        log_file.setFormatter(self._formatter)
+        self._file_logger = logging.getLogger(f"{self._logger.name}.file")
+        self._file_logger.setLevel(logging.DEBUG)
+        self._file_logger.propagate = False
+        self._file_logger.addHandler(log_file)
+        for line in self._pending:
+            self._file_logger.info(line)
+        self._pending = []
+        self._logger.addHandler(log_file)
+        if self._summary:
+            import tensorboardX
+
+            self.writer = tensorboardX.SummaryWriter(self.logdir)
+        self.info(f"[!] starting logging at directory {self.logdir}")
+        self.debug("[!] Entering DEBUG mode")
 
     # --- text log -------------------------------------------------------------------------
     def info(self, msg):
         """Rank 0 only."""
         if self.rank == 0:
             self._logger.info(msg)
+            if not self.started:
+                self._pending.append(msg)
 
     def to_file(self, msg):
         """Rank 0's text log only: long tables that would flood the console."""
         if self._file_logger is not None:
             self._file_logger.info(msg)
+        elif self.rank == 0 and not self.started:
+            self._pending.append(msg)
 
     def warning(self, msg):
         """Rank 0 only (every rank sees the same warnings in this code base)."""
@@ -140,7 +163,8 @@ class Logger:
         self.add_text("Results", f'<table width="100%">{rows}</table>', step)
 
     def close(self):
-        self.info("Closing the Logger.")
+        if self.started:
+            self.info("Closing the Logger.")
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -398,3 +398,24 @@ def get_regularizer(model, model_old, device, opts, state=None):
     return RW(model, model_old, device, score=_stored(state, "score", name),
               fisher=_stored(state, "fisher", name), alpha=opts.reg_alpha,
               iterations=opts.reg_iterations, normalize=normalize)
+
+
+def check_finite_state(state: dict, path: str) -> None:
+    """Raise ``ValueError`` naming ``path`` if a regularizer state (a checkpoint's
+    ``trainer_state["regularizer"]``) holds a NaN/Inf importance: training on it would apply NaN
+    gradients at the first iteration."""
+    bad = []
+
+    def visit(value, key):
+        if torch.is_tensor(value):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(key)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                visit(v, f"{key}.{k}" if key else str(k))
+
+    visit(state, "")
+    if bad:
+        raise ValueError(f"checkpoint {path} holds a non-finite regularizer importance ({len(bad)} tensors, first "
+                         f"{bad[0]}): the step that wrote it diverged. Retrain that step (with --opt_level O0 or "
+                         f"a lower --lr)")
