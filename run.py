@@ -38,6 +38,7 @@ from train import Trainer, amp_settings
 from utils import distributed as dist_utils
 from utils.distributed import unwrap
 from utils.errors import UserError, run_cli
+from utils.io import remove_orphan_temp_files
 from utils.regularizer import check_finite_state
 from utils.checkpoint import checkpoint_path, load_checkpoint, options_to_dict, save_atomic, strip_prefix
 from utils.logger import Logger, confusion_matrix_figure
@@ -183,6 +184,14 @@ def check_output_folders(opts) -> None:
     for folder, option in ((opts.checkpoint, "--checkpoint"), ("results", "the results folder (./results)"),
                            (opts.logdir, "--logdir")):
         _check_writable(folder, option)
+
+
+def remove_debris(opts, min_age_s: float = 60.0) -> None:
+    """Remove the temporary files of atomic writes that a killed run left in the folders runs
+    write to (only the project's temp-name pattern; files younger than ``min_age_s`` may belong to
+    a run writing right now)."""
+    for folder in (opts.checkpoint, os.path.join(opts.checkpoint, "thresholds"), "results"):
+        remove_orphan_temp_files(folder, min_age_s=min_age_s)
 
 
 def _check_writable(folder, option):
@@ -462,6 +471,7 @@ def main(argv=None):
     raise (``utils.errors.UserError``, ``ValueError``, ``OSError``); the command line prints them."""
     opts = argparser.parse_options(argv)
     check_output_folders(opts)
+    remove_debris(opts)
     device, rank, world = dist_utils.init_distributed(opts)
     opts.world_size = world
     steps = list(opts.step)

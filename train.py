@@ -22,6 +22,7 @@ import methods
 from methods import Context, Targets
 from utils import distributed as dist_utils
 from utils.distributed import unwrap
+from utils.errors import UserError
 from utils.regularizer import get_regularizer
 
 IGNORE = 255
@@ -64,8 +65,8 @@ def fp32(device: torch.device):
 # --------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError):
+    """Too many updates skipped for a NaN/Inf loss (the message says what to change)."""
 
 
 class Trainer:
