@@ -120,7 +120,8 @@ def test_sats_legacy_replaces_an_infinite_threshold_by_0_005():
     assert thresholds_from_histograms(hist, "entropy", 0.001)[0].item() == pytest.approx(0.0125)
 
 
-def test_sats_legacy_histogram_saturates_at_2_pow_24():
+def test_sats_legacy_histogram_is_float32_and_saturates_on_cpu():
+    # on the CPU every pixel is added on its own: 2**24 + 1 rounds back to 2**24
     assert histogram_dtype(True) == torch.float32 and histogram_dtype("plop") == torch.long
     assert histogram_dtype(False) == torch.long
     labels = torch.zeros(1, 1, 4, dtype=torch.long)

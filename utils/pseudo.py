@@ -38,9 +38,9 @@ The published median adds the bin *index* instead of the bin *count* to its runn
 return -inf, nan or a number outside the bin range). ``legacy`` reproduces one of the published
 versions bit for bit, histogram per rank (no all-reduce):
 
-* ``"sats"`` (also ``True``, what ``--pseudo_median_legacy`` selects): float32 histograms (a bin
-  stops growing at 2**24 pixels), float32 totals, and every infinite threshold replaced by 0.005
-  after the clamp;
+* ``"sats"`` (also ``True``, what ``--pseudo_median_legacy`` selects): float32 histograms and
+  totals (see :func:`histogram_dtype`), and every infinite threshold replaced by 0.005 after the
+  clamp;
 * ``"plop"``: int64 histograms; infinite thresholds are kept.
 
 The default (``legacy=False``) computes the true median of histograms summed over all ranks.
@@ -326,8 +326,13 @@ def legacy_median_flavour(legacy) -> Optional[str]:
 
 
 def histogram_dtype(legacy=False) -> torch.dtype:
-    """float32 for the SATS repository's histograms (its counts saturate at 2**24 per bin, as
-    adding 1.0 to a float32 2**24 gives 2**24), int64 otherwise."""
+    """float32 for the SATS repository's histograms, int64 otherwise.
+
+    float32 counts are exact up to 2**24 pixels per bin; above, they are rounded the way the
+    device's ``index_put_`` rounds them, as in the published code: on the CPU every pixel is added
+    on its own, so a bin stops at 2**24; on CUDA a batch's pixels of one bin are summed first and
+    the sum is added with float32 rounding.
+    """
     return torch.float32 if legacy_median_flavour(legacy) == "sats" else torch.long
 
 
@@ -343,8 +348,8 @@ def accumulate_histogram(
 
     Only ``background`` pixels count (default ``labels == 0``). Row = old argmax; column =
     ``min(floor(v * nb_bins), nb_bins - 1)`` with ``v = m`` (probability) or
-    ``v = plop_entropy(p) / max_entropy`` (entropy). Ones are added in the histogram's dtype, one
-    at a time per cell, so a float32 bin saturates at 2**24 exactly as the published code's did.
+    ``v = plop_entropy(p) / max_entropy`` (entropy). Ones are added in the histogram's dtype with
+    ``index_put_(accumulate=True)``, as published (float32 rounding: :func:`histogram_dtype`).
     """
     nb_bins = histogram.shape[1]
     probs = torch.softmax(logits_old.float(), dim=1)
