@@ -135,7 +135,6 @@ class IncrementalSegmentationModule(nn.Module):
         multimodal_fusion: str = "sum",
         use_cosine: bool = False,
         cosine_legacy: bool = False,
-        disable_background: bool = False,
         unknown: bool = False,
     ):
         super().__init__()
@@ -158,9 +157,7 @@ class IncrementalSegmentationModule(nn.Module):
         self.use_cosine = use_cosine
         self.cosine_legacy = cosine_legacy
         self.scalar = nn.Parameter(torch.tensor(1.0)) if use_cosine else None
-        self.disable_background = disable_background
         self.unknown = unknown
-        self.in_eval = False
         self._bn_fixed = False
 
     # ------------------------------------------------------------------ forward
@@ -170,7 +167,7 @@ class IncrementalSegmentationModule(nn.Module):
         features = self._features(x, with_attn_maps="attn_maps" in requested,
                                   project=self._classifier_map() if fold else None)
         if fold:
-            small = self._mask_background(features["pre_logits"])
+            small = features["pre_logits"]
             features["pre_logits"] = None  # never materialised (not requested)
         elif only_bg:
             small = self.cls[0](features["pre_logits"])
@@ -238,13 +235,7 @@ class IncrementalSegmentationModule(nn.Module):
                 outputs.append(self._cosine_logits(conv, pre_logits))
             else:
                 outputs.append(conv(pre_logits))
-        return self._mask_background(torch.cat(outputs, dim=1))
-
-    def _mask_background(self, logits: torch.Tensor) -> torch.Tensor:
-        """``--disable_background``: background logit 0 at evaluation."""
-        if self.disable_background and self.in_eval:
-            logits = torch.cat([torch.zeros_like(logits[:, :1]), logits[:, 1:]], dim=1)
-        return logits
+        return torch.cat(outputs, dim=1)
 
     def _cosine_logits(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         """scalar · ⟨x/‖x‖, w/‖w‖⟩ per pixel and class.
@@ -311,49 +302,6 @@ class IncrementalSegmentationModule(nn.Module):
         new.weight.copy_(unknown.weight[0].expand_as(new.weight))
         if new.bias is not None:
             new.bias.fill_(unknown.bias[0].item())
-
-    @torch.no_grad()
-    def init_new_classifier_multimodal(self, loader, init_type: str, device=None) -> None:
-        """PLOP's init from several background modes (``--init_multimodal max|softmax``).
-
-        Over ``loader``, counts which mode wins (argmax of the ``cls[0]`` logits) at the pixels of
-        each new class. ``max``: new class c takes the winning mode's weight and its bias − log(n+1);
-        ``softmax``: the softmax(counts)-weighted sums of the mode weights and biases. The winning
-        mode's bias is then set to the new bias. All values are computed from the biases before any
-        update (PLOP updates in place, so a mode won by several classes is lowered several times),
-        and only pixels labelled with a new class are counted (PLOP also counts old-class pixels
-        when labels are not masked, at negative indices).
-        """
-        if self.nb_background_modes < 2:
-            raise RuntimeError("multimodal init needs nb_background_modes > 1")
-        if init_type not in ("max", "softmax"):
-            raise ValueError(f"init_multimodal must be 'max' or 'softmax', got {init_type!r}")
-        new, n_new = self._new_classifier()
-        background = self.cls[0]
-        device = device or background.weight.device
-        first_new = sum(self.classes[1:-1]) + 1
-        winners = torch.zeros(self.nb_background_modes, n_new, dtype=torch.long, device=device)
-        was_training = self.training
-        self.eval()
-        for batch in loader:
-            images, labels = batch[0].to(device, torch.float32), batch[1].to(device, torch.long)
-            modes = self(images, only_bg=True)[0].argmax(dim=1)
-            mask = (labels >= first_new) & (labels < first_new + n_new)
-            winners.index_put_((modes[mask], labels[mask] - first_new), torch.ones_like(modes[mask]), accumulate=True)
-        self.train(was_training)
-        old_weight, old_bias = background.weight.clone(), background.bias.clone()
-        log_split = math.log(n_new + 1)
-        for c in range(n_new):
-            mode = int(winners[:, c].argmax())
-            if init_type == "max":
-                weight, bias = old_weight[mode], old_bias[mode] - log_split
-            else:
-                share = winners[:, c].float().softmax(dim=0)
-                weight = (share[:, None, None, None] * old_weight).sum(dim=0)
-                bias = (share * old_bias).sum(dim=0)
-            new.weight[c] = weight
-            new.bias[c] = bias
-            background.bias[mode] = bias
 
     @torch.no_grad()
     def align_weight(self, on: str = "all") -> None:
@@ -486,7 +434,6 @@ def make_model(opts, classes: Sequence[int]) -> IncrementalSegmentationModule:
         multimodal_fusion=getattr(opts, "multimodal_fusion", "sum") or "sum",
         use_cosine=bool(getattr(opts, "cosine", False)),
         cosine_legacy=bool(getattr(opts, "cosine_legacy", False)),
-        disable_background=bool(getattr(opts, "disable_background", False)),
         unknown=uses_unknown_channel(opts),
     )
 

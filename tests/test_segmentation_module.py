@@ -110,18 +110,6 @@ def test_folded_classifiers_give_the_unfolded_logits_and_gradients():
         assert torch.allclose(g_folded[name], grad, rtol=1e-3, atol=1e-4), name
 
 
-def test_disable_background_in_eval(b0_model):
-    b0_model.disable_background = True
-    b0_model.in_eval = True
-    try:
-        with torch.no_grad():
-            logits, _ = b0_model(torch.randn(1, 3, 64, 64))
-        assert logits[:, 0].abs().max() == 0 and logits[:, 1:].abs().max() > 0
-    finally:
-        b0_model.disable_background = False
-        b0_model.in_eval = False
-
-
 # ----------------------------------------------------------------------- names
 def sats_head_shapes(dims):
     shapes = {}
@@ -408,15 +396,6 @@ def test_multimodal_background():
         model.cls[0].bias.copy_(torch.tensor([0.01, -0.01]))
         winner = model(x, only_bg=True)[0].argmax(dim=1)
         assert 0 < int(winner.sum()) < winner.numel()
-        labels = torch.full((1, 32, 32), 255)
-        labels[winner == 1] = 4  # first new class: label 4 = 1 + sum(classes[1:-1])
-        labels[winner == 0] = 5
-        labels[0, 0, 0] = 2  # old-class pixels are not counted
-        model.init_new_classifier_multimodal([(x, labels)], "max")
-    for c, mode in ((0, 1), (1, 0)):
-        assert torch.equal(model.cls[2].weight[c], model.cls[0].weight[mode])
-    assert model.cls[2].bias.tolist() == pytest.approx([-0.01 - math.log(3), 0.01 - math.log(3)])
-    assert model.cls[0].bias.tolist() == pytest.approx([0.01 - math.log(3), -0.01 - math.log(3)])
 
 
 # ----------------------------------------------------------------------- fix_bn

@@ -43,9 +43,8 @@ device instead of being copied to the CPU every iteration; RW's ``state_dict`` a
 running score so that resuming a step does not average it with the previous step's score twice.
 
 Distributed: ``update()`` does its work only on rank 0, which owns the running importance (the
-gradients it reads are already all-reduced); ``sync()`` (a collective: call it on every rank, e.g.
-at the end of a step) broadcasts it to the other ranks. The penalty's Ω comes from the loaded state
-and is identical on every rank.
+gradients it reads are already all-reduced) and writes the checkpoint. The penalty's Ω comes from
+the loaded state and is identical on every rank.
 """
 
 from __future__ import annotations
@@ -143,17 +142,6 @@ class Regularizer:
                 total = total + (self.importance[n] * (p - self.reference[n]).pow(2)).sum()
         return total
 
-    def _running_state(self) -> list[dict[str, torch.Tensor]]:
-        """The tensors that rank 0 accumulates (broadcast by ``sync``)."""
-        raise NotImplementedError
-
-    def sync(self) -> None:
-        """Broadcast rank 0's running importance to every rank (collective; no-op when single)."""
-        if not _is_distributed():
-            return
-        for tensors in self._running_state():
-            for key in sorted(tensors):
-                dist.broadcast(tensors[key], src=0)
 
     def state_dict(self) -> dict:
         raise NotImplementedError
@@ -202,8 +190,6 @@ class EWC(Regularizer):
         """The running (un-normalised) Fisher of this step."""
         return self.fisher
 
-    def _running_state(self):
-        return [self.fisher]
 
     def state_dict(self):
         return {"name": self.name, "fisher": _to_cpu(self.fisher), "alpha": self.alpha}
@@ -265,8 +251,6 @@ class PI(Regularizer):
                 score[n] = current
         return score
 
-    def _running_state(self):
-        return [self.delta]
 
     def state_dict(self):
         return {"name": self.name, "score": _to_cpu(self.get()), "delta": _to_cpu(self.delta),
@@ -347,8 +331,6 @@ class RW(Regularizer):
             score[n] = current
         return score
 
-    def _running_state(self):
-        return [self.fisher, self.score]
 
     def state_dict(self):
         return {"name": self.name, "score": _to_cpu(self.get_score()), "fisher": _to_cpu(self.fisher),
