@@ -411,6 +411,12 @@ def make_model(opts, classes: Sequence[int]) -> IncrementalSegmentationModule:
     """
     if classes is None:
         raise ValueError("make_model needs the per-step class counts (tasks.get_per_task_classes)")
+    import methods
+
+    for component in methods.components():
+        own = component.build_model(opts, classes)
+        if own is not None:  # a method with its own network (e.g. sigmoid classifiers)
+            return own
     model_name = opts.model
     if model_name in SEGFORMER_MODELS:
         body, head, head_channels = _build_segformer(opts)

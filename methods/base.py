@@ -215,8 +215,9 @@ class Component:
         """Set derived attributes on ``opts`` after the checks."""
 
     # ---- model
-    def model_layout(self, opts) -> Optional[dict]:
-        """Keyword overrides of ``segmentation_module.make_model``'s layout, or None."""
+    def build_model(self, opts, classes):
+        """The network of a method with its own architecture (called by
+        ``segmentation_module.make_model`` for the new and the old model), or None."""
         return None
 
     def label_space(self, opts, nb_old: int, nb_current: int) -> tuple[int, int]:
