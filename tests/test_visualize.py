@@ -4,6 +4,7 @@ figures (Python functions and CLI) on a tiny SegFormer-B0 and a generated 64-px 
 import argparse
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import argparser
 from segmentation_module import make_model
 from utils import visualize
 from utils.checkpoint import options_to_dict, save_atomic
-from utils.results import append_results_row
+from utils.results import append_results_row, write_run_info
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "15-5"
@@ -158,8 +159,35 @@ def test_base_class_count_and_legend_names():
     assert visualize.base_class_count("voc", "15-1") == 16
     assert visualize.base_class_count("ade", "100-50") == 101
     names = visualize.class_legend_names("voc", "19-1b", 1)
-    assert (names[4], names[5], names[19], names[20]) == ("4", "5 (id 6)", "19 (id 20)", "20 (id 5) new")
-    assert visualize.class_legend_names("voc", TASK, 0)[15] == "15"
+    # 19-1b moves VOC class 5 (bottle) to the last step: label 5 is id 6 (bus), label 20 is id 5
+    assert (names[4], names[5], names[19], names[20]) == (
+        "4 boat", "5 bus (id 6)", "19 tvmonitor (id 20)", "20 bottle (id 5) new")
+    assert visualize.class_legend_names("voc", TASK, 0)[15] == "15 person"
+    assert len(visualize.class_legend_names("voc", TASK, 0)) == 16
+
+
+def test_task_class_names_follow_the_task_order():
+    assert visualize.task_class_names("voc", "15-1")[:3] == ["background", "aeroplane", "bicycle"]
+    assert visualize.task_class_names("voc", "19-1b")[19:] == ["tvmonitor", "bottle"]
+    assert visualize.task_class_names("voc", "15-1", 16)[-1] == "person"
+    ade = visualize.task_class_names("ade", "100-50")
+    assert (len(ade), ade[0], ade[150]) == (151, "other", "flag")
+    with pytest.raises(ValueError, match="22"):
+        visualize.task_class_names("voc", "15-1", 22)
+
+
+def test_confusion_matrix_has_a_tick_per_class_with_its_name():
+    counts = np.array([[3, 1, 0], [0, 2, 0], [1, 0, 1]])
+    figure = visualize.confusion_matrix_figure(counts, class_names=["background", "aeroplane", "bicycle"])
+    axes = figure.axes[0]
+    assert axes.get_xticks().tolist() == [0, 1, 2] and axes.get_yticks().tolist() == [0, 1, 2]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["0 background", "1 aeroplane", "2 bicycle"]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["0 background", "1 aeroplane", "2 bicycle"]
+    np.testing.assert_allclose(axes.images[0].get_array(), [[0.75, 0.25, 0], [0, 1, 0], [0.5, 0, 0.5]])
+    plain = visualize.confusion_matrix_figure(np.eye(3)).axes[0]
+    assert [t.get_text() for t in plain.get_xticklabels()] == ["0", "1", "2"]  # integers, never 0.5 steps
+    with pytest.raises(ValueError, match="2 class names for a 3-class"):
+        visualize.confusion_matrix_figure(counts, class_names=["a", "b"])
 
 
 def test_denormalize_and_blend_labels():
@@ -228,7 +256,70 @@ def test_tsne_figure_of_old_and_new_model(workspace, tmp_path):
     np.testing.assert_array_equal(features["old"].labels, features["new"].labels)
     figure = visualize.tsne_figure(features, "voc", seed=0,
                                    class_names=visualize.class_legend_names("voc", TASK, 1), n_jobs=1)
+    # pooled rows are coloured with the VOC palette of their label
+    from utils.logger import color_map
+
+    pooled_points = figure.axes[0].collections[-1]
+    labels = features["old"].labels[features["old"].pooled]
+    np.testing.assert_allclose(pooled_points.get_facecolors()[:, :3], color_map("voc")[labels] / 255.0)
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert legend == [visualize.class_legend_names("voc", TASK, 1)[c] for c in sorted(set(labels.tolist()))]
     _assert_png(visualize.save_figure(figure, str(tmp_path / "tsne.png")))
+
+
+def test_voc_palette_separates_neighbouring_labels():
+    from utils.logger import color_map
+
+    palette = color_map("voc")[:21].astype(int)
+    assert palette[:4].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
+    # consecutive labels differ by at least 64 in some channel
+    assert (np.abs(np.diff(palette, axis=0)).max(axis=1) >= 64).all()
+
+
+def _mit_query_grids(height, width):
+    """Token grids of the four MiT stages: stride-4 patch embedding (kernel 7, padding 3), then
+    stride 2 (kernel 3, padding 1): each halves the grid, rounding up."""
+    grids = [(math.ceil(height / 4), math.ceil(width / 4))]
+    for _ in range(3):
+        grids.append(tuple(math.ceil(side / 2) for side in grids[-1]))
+    return grids
+
+
+def test_attention_panels_are_upscaled_blocks(workspace):
+    from utils import tensorboard_samples as tb
+
+    model_old, _ = visualize.load_model(workspace["ckpt"][0])
+    model, opts = visualize.load_model(workspace["ckpt"][1])
+    data = visualize.build_split(opts, "test")
+    panels = tb.pooled_attention_panels(model, model_old, data, [0], "cpu")
+    label = data[0][1]
+    grids = _mit_query_grids(*label.shape)
+    assert label.shape[0] == 64 and [grid[0] for grid in grids] == [16, 8, 4, 2]
+    # a class is pooled where it survives the downscaled labels (the 2x3 stage-4 grid may lose it)
+    assert {1, 2} <= {int(tag[-1]) for tag, _ in panels} <= {1, 2, 3, 4}
+    assert all(re.fullmatch(r"img0/class[1-9]\d*/stage[1-4]", tag) for tag, _ in panels)  # background not pooled
+    for tag, panel in panels:
+        stage = int(tag[-1])
+        (h, w), reduction = grids[stage - 1], tb.SR_RATIOS[stage - 1]
+        scale = 128 // h  # 64-px images: 8, 16, 32, 64, so every map is 128 px high
+        assert panel.shape == (128, 2 * w * scale + tb.SEPARATOR_PX), tag
+        assert panel.min() >= 0.0 and panel.max() <= 1.0
+        assert (panel[:, w * scale:w * scale + tb.SEPARATOR_PX] == 1.0).all()
+        key_h, key_w = max(h // reduction, 1), max(w // reduction, 1)
+        block_h, block_w = 128 // key_h, w * scale // key_w
+        assert block_h * key_h == 128 and block_w * key_w == w * scale  # whole blocks on these sizes
+        for side in (panel[:, :w * scale], panel[:, w * scale + tb.SEPARATOR_PX:]):
+            cells = side[::block_h, ::block_w]  # one value per key cell, repeated as a sharp block
+            assert cells.shape == (key_h, key_w)
+            np.testing.assert_array_equal(np.kron(cells, np.ones((block_h, block_w))), side)
+            assert side.min() == 0.0 and side.max() == 1.0  # min-max normalised per map
+    assert tb.upscale_factor(16, 16) == 8 and tb.upscale_factor(2, 3) == 64
+    assert tb.upscale_factor(200, 300) == 1 and tb.upscale_factor(100, 500) == 2
+
+
+def _legend_texts(figure):
+    assert len(figure.legends) == 1
+    return [text.get_text() for text in figure.legends[0].get_texts()]
 
 
 def test_curves_figure(tmp_path):
@@ -240,9 +331,34 @@ def test_curves_figure(tmp_path):
             append_results_row(path, step, [0.3 + offset] * n_seen, 21, n_seen, 0.3 + offset)
         paths.append(str(path))
     figure = visualize.curves_figure(paths, labels=["FT", "MiB"], n_base=16, n_classes=21)
+    assert _legend_texts(figure) == ["FT", "MiB"]
+    assert [line.get_label() for line in figure.axes[2].get_lines()] == ["FT", "MiB"]
+    np.testing.assert_allclose(figure.axes[0].get_lines()[1].get_ydata(), [40.0, 40.0, 40.0])
     _assert_png(visualize.save_figure(figure, str(tmp_path / "curves.png")))
     with pytest.raises(ValueError, match="2 labels for 1"):
         visualize.curves_figure(paths[:1], labels=["a", "b"])
+
+
+def test_curves_are_named_after_the_runs(tmp_path):
+    results = tmp_path / "results"
+    files = {}
+    for stem, name in (("2024-01-01_voc_15-5_SATS-s1", "SATS-s1"), ("2024-01-02_voc_15-5_MiB", "MiB"),
+                       ("2024-01-03_voc_15-5_FT", None), ("2024-01-04_voc_15-5_FT", None), ("mine", None)):
+        path = results / f"{stem}.csv"
+        for step in range(2):
+            append_results_row(path, step, [0.5] * (16 + 5 * step), 21, 16 + 5 * step, 0.5)
+            if name:  # run.py's companion JSON; the label is the run name stored there
+                write_run_info(path, {"options": {"name": name if step else "old-name", "task": TASK}}, step=step)
+        files[stem] = str(path)
+    assert visualize.run_label(files["2024-01-01_voc_15-5_SATS-s1"]) == "SATS-s1"
+    assert visualize.run_label(files["2024-01-03_voc_15-5_FT"], "voc", TASK) == "FT"
+    assert visualize.run_label(files["2024-01-03_voc_15-5_FT"]) == "15-5_FT"
+    assert visualize.run_label(files["mine"]) == "mine"
+    figure = visualize.curves_figure(list(files.values()), n_base=16, dataset="voc", task=TASK)
+    assert _legend_texts(figure) == ["SATS-s1", "MiB", "FT (2024-01-03_voc_15-5_FT.csv)",
+                                     "FT (2024-01-04_voc_15-5_FT.csv)", "mine"]
+    single = visualize.curves_figure([files["mine"]], n_base=16)
+    assert _legend_texts(single) == ["mine"]  # a legend even for one line
 
 
 def test_overlay_figure(workspace, tmp_path):
@@ -286,3 +402,34 @@ def test_cli_overlay_and_curves(workspace, tmp_path):
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         visualize.main(["curves", "--csv", str(csv_path), "--dataset", "voc", "--out", str(out)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["curves", "--csv", "run.csv", "--dataset", "voc", "--out", "o"], "--dataset and --task go together"),
+    (["curves", "--csv", "run.csv", "--dataset", "voc", "--task", "15-7", "--out", "o"], "task '15-7'"),
+    (["overlay", "--ckpt", "c.pth", "--indices", "0", "--out", "o", "--device", "gpu0"], "--device gpu0"),
+])
+def test_cli_argument_errors_print_usage_and_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        visualize.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("usage: python -m utils.visualize") and message in err
+
+
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path):
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    (tmp_path / "bad.csv").write_text("step,0,1,mIoU\n0,0.5,abc,0.5\n")
+    script = ("import sys\nfrom utils import visualize\n"
+              "for argv in (['overlay', '--ckpt', 'garbage.pth', '--indices', '0', '--out', 'o', '--device', 'cpu'],"
+              " ['curves', '--csv', 'bad.csv', '--out', 'o'], ['tsne', '--ckpt', 'none.pth', '--out', 'o', '--device', 'cpu']):\n"
+              "    try:\n        visualize.main(argv)\n    except SystemExit as exit:\n"
+              "        print('exit', exit.code, file=sys.stderr)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert "Traceback" not in done.stderr, done.stderr
+    reports = done.stderr.split("exit 2\n")  # torch's own reason for the garbage file spans lines
+    assert len(reports) == 4 and reports[3] == "", done.stderr
+    assert reports[0].startswith("error: cannot load checkpoint garbage.pth: it is truncated or corrupt")
+    assert reports[1] == "error: bad.csv, step 0: could not convert string to float: 'abc'\n"
+    assert reports[2] == "error: checkpoint not found: none.pth\n"

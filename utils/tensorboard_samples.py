@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from utils.logger import color_map, label_to_color
 
 SR_RATIOS = (8, 4, 2, 1)  # MiT spatial-reduction ratio per stage (every size B0-B5)
+MIN_PANEL_SIDE = 128  # px: attention maps are enlarged to at least this height to be readable
+SEPARATOR_PX = 4  # white columns between the old and the new model's map
 
 
 def sample_indices(n_images: int, sample_num: int, seed: int) -> list[int]:
@@ -51,6 +53,11 @@ def prediction_triplets(model, dataset, indices, device, predict, palette="voc")
     return rows
 
 
+def upscale_factor(height: int, width: int, min_side: int = MIN_PANEL_SIDE) -> int:
+    """Smallest integer ``s >= 1`` with ``s * min(height, width) >= min_side``."""
+    return max(1, -(-min_side // max(1, min(height, width))))
+
+
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     x = x - x.min()
     return x / x.max().clamp_min(1e-12)
@@ -61,7 +68,11 @@ def pooled_attention_panels(model, model_old, dataset, indices, device, legacy_l
     """For each image and each class in its label: per stage, the class-pooled attention row of the
     old and the new model (mean over heads), reshaped to the key grid and put side by side.
 
-    Returns ``[(tag, (H, W) float image in [0, 1]), ...]`` with tags ``img{i}/class{c}/stage{s}``.
+    Each map is min-max normalised and enlarged by nearest neighbour from its key grid to the
+    stage's query grid ``(h, w)`` times ``upscale_factor(h, w)``, so one key cell stays a sharp
+    block and the short side is at least ``MIN_PANEL_SIDE`` px; ``SEPARATOR_PX`` white columns
+    separate old (left) and new (right). Returns ``[(tag, (H, W) float image in [0, 1]), ...]``
+    with tags ``img{i}/class{c}/stage{s}``.
     """
     from utils.sats import class_pooled_attention, downscale_labels, infer_spatial_shapes
 
@@ -81,10 +92,12 @@ def pooled_attention_panels(model, model_old, dataset, indices, device, legacy_l
             kh, kw = max(h // reduction, 1), max(w // reduction, 1)
             if kh * kw != a_new.shape[-1]:
                 raise ValueError(f"stage {stage + 1}: {a_new.shape[-1]} keys do not form a {kh}x{kw} grid")
+            scale = upscale_factor(h, w)
             for k, c in enumerate(classes.tolist()):
                 maps = [p[0, k].mean(0).reshape(kh, kw) for p in (p_old, p_new)]
-                maps = [F.interpolate(m[None, None], size=(h, w), mode="nearest")[0, 0] for m in maps]
-                panel = torch.cat([_normalise(maps[0]), torch.ones(h, 1, device=maps[0].device),
-                                   _normalise(maps[1])], dim=1)
+                maps = [F.interpolate(m[None, None], size=(h * scale, w * scale), mode="nearest")[0, 0]
+                        for m in maps]
+                separator = torch.ones(h * scale, SEPARATOR_PX, device=maps[0].device)
+                panel = torch.cat([_normalise(maps[0]), separator, _normalise(maps[1])], dim=1)
                 panels.append((f"img{idx}/class{c}/stage{stage + 1}", panel.cpu().numpy()))
     return panels

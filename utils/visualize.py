@@ -14,8 +14,15 @@ Checkpoints are those ``run.py`` writes (``utils.checkpoint``): the network is r
 stored options and per-step class counts, the images come from ``dataset.get_dataset`` for the
 checkpoint's step with its stored options (``--data_root`` / ``--idxs_dir`` override the paths).
 Labels, colours and legends are in the step's label space (0 background, ``k`` = ``k``-th class
-of the task order, ``tasks.get_order``); legends name the dataset's class id when the order is
-shuffled.
+of the task order, ``tasks.get_order``); legends give the label and the dataset's class name (and
+its class id when the order is shuffled). Colours come from the dataset palette (Pascal VOC's
+bit-interleaved colour map, ``utils.logger.color_map``), which gives neighbouring labels clearly
+different colours (not the near-identical shades of a continuous colour map); ``curves`` names its
+lines after the runs and always draws a legend; the confusion matrix has a tick per class, with
+its name.
+
+User errors (missing or malformed files, bad options) print ``error: <message>`` and exit with
+status 2.
 
 Figures are drawn on matplotlib's Agg canvas without pyplot state, so the module works headless.
 """
@@ -23,8 +30,11 @@ Figures are drawn on matplotlib's Agg canvas without pyplot state, so the module
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import math
 import os
+import re
 import sys
 from collections import OrderedDict
 from typing import NamedTuple
@@ -45,6 +55,9 @@ __all__ = [
     "embed_tsne",
     "tsne_figure",
     "class_legend_names",
+    "task_class_names",
+    "confusion_matrix_figure",
+    "run_label",
     "read_step_summaries",
     "base_class_count",
     "curves_figure",
@@ -79,7 +92,7 @@ def load_model(path, device="cpu"):
     stored options (ImageNet weights are not loaded: the checkpoint replaces them) and loaded
     strictly. ``opts`` is an ``argparse.Namespace`` whose ``step`` is the checkpoint's step.
 
-    Raises ``FileNotFoundError`` for a missing file, ``ValueError`` when the file lacks our keys,
+    Raises ``FileNotFoundError`` for a missing file, ``ValueError`` when it cannot be read or lacks our keys,
     its class counts differ from the task table's counts for its step, or its weights do not fit
     the rebuilt network.
     """
@@ -87,11 +100,17 @@ def load_model(path, device="cpu"):
     from segmentation_module import make_model
     from utils.checkpoint import load_checkpoint, strip_prefix
 
-    ckpt = load_checkpoint(path)
-    missing = [key for key in REQUIRED_CHECKPOINT_KEYS if key not in ckpt]
+    try:
+        ckpt = load_checkpoint(path)
+    except RuntimeError as error:  # truncated, corrupt or not a weights_only file
+        raise ValueError(str(error)) from None
+    missing = ([key for key in REQUIRED_CHECKPOINT_KEYS if key not in ckpt] if isinstance(ckpt, dict)
+               else list(REQUIRED_CHECKPOINT_KEYS))
     if missing:
         raise ValueError(f"checkpoint {path} lacks {missing}: the tools need a checkpoint written "
                          "by run.py (model_state, per-step classes and the run's opts)")
+    if not isinstance(ckpt["opts"], dict) or "model" not in ckpt["opts"]:
+        raise ValueError(f"checkpoint {path}: its 'opts' entry holds no run options (no 'model')")
     opts_dict = dict(ckpt["opts"])
     step = _checkpoint_step(ckpt, opts_dict, path)
     opts = argparse.Namespace(**opts_dict)
@@ -313,7 +332,8 @@ def _class_legend(figure, classes, palette, class_names, marker="o"):
 
 
 def tsne_figure(features_by_model, dataset="voc", seed=0, class_names=None, title=None, n_jobs=2):
-    """One t-SNE panel per model, side by side, points coloured by class with the dataset palette.
+    """One t-SNE panel per model, side by side, points coloured by label with the dataset palette
+    (``color_map(dataset)[label]``: the VOC colour map, whose neighbouring labels differ clearly).
 
     ``features_by_model``: ``{panel title: (X, y)}`` (or ``ClassFeatures``; sampled pixels are
     drawn as small dots, pooled rows as circles). Each model's features are embedded separately
@@ -348,19 +368,71 @@ def tsne_figure(features_by_model, dataset="voc", seed=0, class_names=None, titl
     return figure
 
 
+def task_class_names(dataset, task, n_seen=None):
+    """The dataset's class name of each label ``0..n_seen-1`` in task order (all labels of the
+    protocol by default): ``task_class_names("voc", "19-1b")[5] == "bus"`` (label 5 is VOC id 6)."""
+    import tasks
+    from dataset.ade import CLASSES as ADE_CLASSES
+    from dataset.voc import CLASSES as VOC_CLASSES
+
+    names = {"voc": VOC_CLASSES, "ade": ADE_CLASSES}
+    if dataset not in names:
+        raise ValueError(f"unknown dataset {dataset!r}; valid: {sorted(names)}")
+    order = tasks.get_order(dataset, task)
+    n_seen = len(order) if n_seen is None else int(n_seen)
+    if not 1 <= n_seen <= len(order):
+        raise ValueError(f"task {task!r} of {dataset!r} has {len(order)} labels, asked for {n_seen}")
+    return [names[dataset][order[label]] for label in range(n_seen)]
+
+
 def class_legend_names(dataset, task, step):
-    """``{label: text}`` for the legends: the label, ``(id k)`` when the task order maps it to
-    another dataset class id, and ``new`` for the classes added at ``step``."""
+    """``{label: text}`` for the legends: the label and the dataset's class name, ``(id k)`` when
+    the task order maps the label to another dataset class id, and ``new`` for the classes added at
+    ``step`` (VOC 19-1b step 1: ``{5: "5 bus (id 6)", 20: "20 bottle (id 5) new", ...}``)."""
     import tasks
 
     order = tasks.get_order(dataset, task)
     counts = tasks.get_per_task_classes(dataset, task, step)
     first_new = sum(counts[:-1]) if step > 0 else sum(counts)
+    class_names = task_class_names(dataset, task, sum(counts))
     names = {}
-    for label in range(sum(counts)):
-        text = str(label) if order[label] == label else f"{label} (id {order[label]})"
+    for label, name in enumerate(class_names):
+        text = f"{label} {name}" if order[label] == label else f"{label} {name} (id {order[label]})"
         names[label] = f"{text} new" if label >= first_new else text
     return names
+
+
+# ----------------------------------------------------------------------------- confusion matrix
+def confusion_matrix_figure(cm, class_names=None, normalize=True, title="Confusion Matrix"):
+    """Matplotlib figure of a confusion matrix (rows = ground truth, columns = prediction) with a
+    tick at every class index, labelled ``"k name"`` when ``class_names`` are given (e.g.
+    ``task_class_names(dataset, task, n)``), else ``"k"``.
+
+    With ``normalize`` each row is divided by its sum (rows without pixels stay 0), as the
+    originals drew it.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"confusion matrix must be square, got shape {cm.shape}")
+    n = cm.shape[0]
+    if class_names is not None and len(class_names) != n:
+        raise ValueError(f"{len(class_names)} class names for a {n}-class matrix")
+    if normalize:
+        rows = cm.sum(axis=1, keepdims=True)
+        cm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    side = max(4.0, 0.3 * n + (1.5 if class_names is not None else 0.0))
+    figure = _new_figure(side, side)
+    axes = figure.add_subplot()
+    image = axes.imshow(cm, interpolation="nearest", cmap="Blues")
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    axes.set(title=title, ylabel="true label", xlabel="predicted label")
+    ticks = np.arange(n)
+    labels = [str(k) for k in ticks] if class_names is None else [f"{k} {name}" for k, name in zip(ticks, class_names)]
+    font = "small" if n <= 30 else "x-small"
+    axes.set_xticks(ticks, labels=labels, rotation=90, fontsize=font)
+    axes.set_yticks(ticks, labels=labels, fontsize=font)
+    figure.tight_layout()
+    return figure
 
 
 # -------------------------------------------------------------------------------------- curves
@@ -395,12 +467,20 @@ def read_step_summaries(path, n_base=None, n_classes=None):
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"results CSV not found: {path}")
-    _, rows = read_results(path)
+    try:
+        _, rows = read_results(path)
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a results CSV: {error}") from None
     if not rows:
         raise ValueError(f"{path} holds no result row")
     summaries = {"step": [], "base": [], "new": [], "all": []}
     for row in rows:
-        step, cells = int(row[0]), row[1:-1]
+        try:
+            step, cells = int(row[0]), row[1:-1]
+        except ValueError:
+            raise ValueError(f"{path}: row {','.join(row)!r} does not start with a step number") from None
+        if not cells:
+            raise ValueError(f"{path}, step {step}: no class column (expected step, IoUs, mIoU)")
         if n_classes is not None and len(cells) != n_classes:
             raise ValueError(f"{path}: rows have {len(cells)} class columns, the dataset has {n_classes}")
         values = _row_values(cells, path, step)
@@ -419,34 +499,77 @@ def read_step_summaries(path, n_base=None, n_classes=None):
     return summaries
 
 
-def curves_figure(csv_paths, labels=None, n_base=None, n_classes=None, title=None):
-    """Three panels (all / base / new mIoU in %, against the step), one line per CSV file.
+def run_label(path, dataset=None, task=None):
+    """The name of the run behind a results CSV, for legends.
 
-    ``labels`` name the lines (default: file names without ``.csv``); ``n_base`` / ``n_classes``
-    as in ``read_step_summaries``. Returns a matplotlib ``Figure``.
+    ``run.py`` writes ``results/{date}_{dataset}_{task}_{name}.csv`` and beside it a JSON with the
+    options of each step (``utils.results.write_run_info``): the label is the ``name`` of its last
+    step; without a readable JSON, the file name after ``_{dataset}_{task}_`` (with ``dataset`` and
+    ``task`` given) or after ``{date}_{dataset}_`` (the label then starts with the task); else the
+    file name without ``.csv``.
+    """
+    from utils.results import run_info_path
+
+    try:
+        with open(run_info_path(path)) as handle:
+            steps = json.load(handle)["steps"]
+        name = steps[max(steps, key=int)]["options"]["name"]
+        if isinstance(name, str) and name:
+            return name
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no companion, or not ours: the file name is the next best label
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if dataset and task and f"_{dataset}_{task}_" in stem:
+        return stem.split(f"_{dataset}_{task}_", 1)[1]
+    match = re.match(r"^[^_]+_(?:voc|ade)_(.+)$", stem)
+    return match[1] if match else stem
+
+
+def _unique_labels(labels, paths):
+    """Labels shared by several files (seeds of one run name) get the file name appended."""
+    counts = {label: labels.count(label) for label in labels}
+    return [f"{label} ({os.path.basename(path)})" if counts[label] > 1 else label
+            for label, path in zip(labels, paths)]
+
+
+def curves_figure(csv_paths, labels=None, n_base=None, n_classes=None, title=None, dataset=None, task=None):
+    """Three panels (all / base / new mIoU in %, against the step), one line per CSV file, and one
+    legend beside them naming the lines (always drawn, even for a single run).
+
+    ``labels`` name the lines (default: ``run_label`` of each file, with ``dataset``/``task`` to
+    read run names from file names); ``n_base`` / ``n_classes`` as in ``read_step_summaries``.
+    Returns a matplotlib ``Figure``.
     """
     if not csv_paths:
         raise ValueError("curves_figure needs at least one results CSV")
-    labels = list(labels) if labels is not None else [
-        os.path.splitext(os.path.basename(path))[0] for path in csv_paths]
+    if labels is None:
+        labels = _unique_labels([run_label(path, dataset, task) for path in csv_paths], csv_paths)
+    labels = list(labels)
     if len(labels) != len(csv_paths):
         raise ValueError(f"{len(labels)} labels for {len(csv_paths)} CSV files")
     summaries = [read_step_summaries(path, n_base, n_classes) for path in csv_paths]
     steps = sorted({step for summary in summaries for step in summary["step"]})
-    figure = _new_figure(13.0, 4.0)
+    figure = _new_figure(13.0 + 0.08 * max(len(label) for label in labels), 4.0)
     panels = (("all", "all classes"), ("base", "base classes"), ("new", "new classes"))
+    markers = "osD^vP*X"
     for index, (key, name) in enumerate(panels):
         axes = figure.add_subplot(1, 3, index + 1)
-        for label, summary in zip(labels, summaries):
+        for line, (label, summary) in enumerate(zip(labels, summaries)):
             values = 100.0 * np.asarray(summary[key], dtype=np.float64)
-            axes.plot(summary["step"], values, marker="o", label=label)
+            axes.plot(summary["step"], values, marker=markers[line // 10 % len(markers)], label=label,
+                      color=f"C{line % 10}")
         axes.set(title=name, xlabel="step", ylabel="mIoU (%)", xlim=(steps[0] - 0.5, steps[-1] + 0.5))
         axes.set_xticks(steps)
         axes.grid(alpha=0.3)
-    figure.axes[0].legend(fontsize="small")
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
+    # The legend sits right of the panels, in space tight_layout leaves free, so that it never
+    # hides a curve and is part of the canvas TensorBoard renders.
+    share = 13.0 / figure.get_figwidth()
+    figure.tight_layout(rect=(0.0, 0.0, share * 0.86, 1.0))
+    handles, names = figure.axes[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="center left", bbox_to_anchor=(share * 0.86, 0.5),
+                  fontsize="small", title="run", frameon=False)
     return figure
 
 
@@ -586,13 +709,10 @@ def _run_tsne(args):
 def _run_curves(args):
     import tasks
 
-    given = [args.dataset is not None, args.task is not None]
-    if any(given) and not all(given):
-        raise ValueError("--dataset and --task go together (the base class count comes from the task table)")
     n_base = base_class_count(args.dataset, args.task) if args.task else None
     n_classes = tasks.num_classes(args.dataset) if args.dataset else None
     title = f"{args.dataset} {args.task}" if args.task else None
-    figure = curves_figure(args.csv, args.labels, n_base, n_classes, title)
+    figure = curves_figure(args.csv, args.labels, n_base, n_classes, title, args.dataset, args.task)
     return [save_figure(figure, os.path.join(args.out, args.name))]
 
 
@@ -634,8 +754,11 @@ def get_argparser():
 
     curves = commands.add_parser("curves", help="per-step all/base/new mIoU from results CSVs")
     curves.add_argument("--csv", nargs="+", required=True, help="results/*.csv files, one line each")
-    curves.add_argument("--labels", nargs="+", default=None, help="line names (default: file names)")
-    curves.add_argument("--dataset", default=None, help="with --task: base classes from the task table")
+    curves.add_argument("--labels", nargs="+", default=None,
+                        help="line names (default: the run names, from the JSON beside each CSV or "
+                             "the file name results/{date}_{dataset}_{task}_{name}.csv)")
+    curves.add_argument("--dataset", default=None, choices=("voc", "ade"),
+                        help="with --task: base classes from the task table")
     curves.add_argument("--task", default=None, help="with --dataset (default: step-0 row's classes)")
     curves.add_argument("--out", required=True, help="output folder")
     curves.add_argument("--name", default="curves.png", help="output file name")
@@ -658,6 +781,31 @@ def _check_arguments(parser, args):
         parser.error(f"--pixels_per_class must be >= 0, got {args.pixels_per_class}")
     if not 0.0 <= getattr(args, "alpha", 0.5) <= 1.0:
         parser.error(f"--alpha must lie in [0, 1], got {args.alpha}")
+    if hasattr(args, "device"):
+        _check_device(parser, args.device)
+    if args.command == "curves":
+        _check_task(parser, args.dataset, args.task)
+
+
+def _check_device(parser, device):
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as error:
+        parser.error(f"--device {device}: {error}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: no CUDA device is available here; use --device cpu")
+
+
+def _check_task(parser, dataset, task):
+    import tasks
+
+    if (dataset is None) != (task is None):
+        parser.error("--dataset and --task go together (the base class count comes from the task table)")
+    if task is not None:
+        try:
+            tasks.get_per_task_classes(dataset, task, 0)
+        except ValueError as error:
+            parser.error(str(error))
 
 
 def main(argv=None):
@@ -671,9 +819,10 @@ def main(argv=None):
     runners = {"tsne": _run_tsne, "curves": _run_curves, "overlay": _run_overlay}
     try:
         paths = runners[args.command](args)
-    except (FileNotFoundError, ValueError, IndexError, ImportError) as error:
+    except (OSError, ValueError, IndexError, ImportError) as error:
+        # the user's files or options: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from error
+        raise SystemExit(2) from None
     for path in paths:
         print(path)
     return paths
