@@ -110,12 +110,22 @@ def test_check_writable_creates_the_folder_and_leaves_nothing(tmp_path):
     assert folder.is_dir() and os.listdir(folder) == []
 
 
+def test_check_writable_without_creating_probes_the_nearest_existing_folder(tmp_path):
+    folder = tmp_path / "results" / "2026"
+    assert check_writable(folder, option="--results", create=False) == str(folder)
+    assert os.listdir(tmp_path) == []  # nothing created, nothing left
+    (tmp_path / "results").write_text("a file")
+    with pytest.raises(ValueError, match=r"^--results .*results/2026: cannot create the folder, a "
+                                         r"part of the path \(.*results\) is a file"):
+        check_writable(folder, option="--results", create=False)
+
+
 def test_check_writable_on_a_file(tmp_path):
     (tmp_path / "logs").write_text("I am a file")
     with pytest.raises(ValueError, match=r"^--logdir .*logs: this path is a file, not a folder"):
         check_writable(tmp_path / "logs", option="--logdir")
     with pytest.raises(ValueError, match=r"^--logdir .*logs/run: cannot create the folder, a part "
-                                         r"of the path is a file"):
+                                         r"of the path \(.*logs\) is a file"):
         check_writable(tmp_path / "logs" / "run", option="--logdir")
 
 

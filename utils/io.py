@@ -134,28 +134,34 @@ def remove_orphan_temp_files(folder, min_age_s: float = 0.0) -> list:
     return sorted(removed)
 
 
-def check_writable(folder, option: Optional[str] = None) -> str:
-    """Make sure ``folder`` exists (creating it) and files can be created in it; returns its path.
+def check_writable(folder, option: Optional[str] = None, create: bool = True) -> str:
+    """Make sure files can be created in ``folder``; returns its absolute path.
 
-    A probe file (temporary-file pattern, so a crash leaves nothing :func:`remove_orphan_temp_files`
-    would not remove) is created and removed. Raises ``ValueError`` naming ``option`` (e.g.
-    ``"--checkpoint"``) and the folder when the path is an existing file, a parent is a file, or
-    the folder cannot be created or written to.
+    ``create=True``: the folder is created when missing, then probed. ``create=False``: nothing
+    is created; the folder, or its nearest existing ancestor when it does not exist yet, is probed
+    (the folder could then be created there). A probe file (temporary-file pattern, so a crash
+    leaves nothing :func:`remove_orphan_temp_files` would not remove) is created and removed.
+
+    Raises ``ValueError`` naming ``option`` (e.g. ``"--checkpoint"``) and the folder when the path
+    is an existing file, a part of it is a file, or the folder cannot be created or written to.
     """
-    folder = os.fspath(folder)
+    folder = os.path.abspath(os.fspath(folder))
     what = f"{option} {folder}" if option else folder
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{what}: this path is a file, not a folder; pass a folder "
                          f"(or move the file away)")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except (NotADirectoryError, FileExistsError):
-        raise ValueError(f"{what}: cannot create the folder, a part of the path is a file; "
-                         f"pass another folder") from None
-    except OSError as error:
-        raise ValueError(f"{what}: cannot create the folder ({error.strerror or error}); "
-                         f"pass a folder you can write to") from None
-    probe = temp_path_for(os.path.join(folder, "write-probe"))
+    existing = _nearest_existing(folder)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{what}: cannot create the folder, a part of the path ({existing}) is a "
+                         f"file; pass another folder")
+    target = folder if create else existing
+    if create:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"{what}: cannot create the folder ({error.strerror or error}); "
+                             f"pass a folder you can write to") from None
+    probe = temp_path_for(os.path.join(target, "write-probe"))
     try:
         os.close(_open_new(probe, 0o666))
         os.remove(probe)
@@ -163,3 +169,12 @@ def check_writable(folder, option: Optional[str] = None) -> str:
         raise ValueError(f"{what}: cannot write into the folder ({error.strerror or error}); "
                          f"pass a folder you can write to") from None
     return folder
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
