@@ -2,7 +2,7 @@
 
 ``make_model(opts, classes)`` builds SegFormer (``--model segformer_b0 … segformer_b5``;
 ``segformer`` = B2, SATS's model) or DeepLabV3 (``--model deeplab``, ``--backbone resnet50|101``)
-and wraps it in ``IncrementalSegmentationModule`` (spec/models.md §4). Parameter names are the
+and wraps it in ``IncrementalSegmentationModule``. Parameter names are the
 originals' (``body.*``, ``head.*``, ``cls.N.*``, ``scalar``): SegFormer's encoder sits under
 ``body.mit.*`` and SATS's head under ``head.to_fused.*`` / ``head.to_segmentation.*``, DeepLab's
 ResNet under ``body.mod*`` and the ASPP under ``head.*``; a MiB/PLOP/SATS ``model_state`` loads
@@ -14,7 +14,7 @@ Classifier channel layout (``classes`` = per-step class counts, step 0 including
 - ``nb_background_modes = M > 1`` (PLOP): ``[M, n0 − 1, n1, …]``; the M background channels are
   fused into one logit, so the logits keep the default layout;
 - SSUL (``opts.method == 'SSUL'`` or ``opts.unknown``), clovaai/SSUL's order
-  (spec/sats_ssul.md §3.1): ``[1, 1, n0 − 1, n1, …]`` → channel 0 **unknown**, channel 1
+  ``[1, 1, n0 − 1, n1, …]`` → channel 0 **unknown**, channel 1
   background, channel k + 1 class k. (SATS's re-implementation swaps channels 0 and 1.)
 
 Run ``python -m segmentation_module --profile`` for parameter counts and CPU forward times.

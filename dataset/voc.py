@@ -1,6 +1,6 @@
 """Pascal-VOC 2012 (SegmentationClassAug) for class-incremental segmentation.
 
-Three layouts are recognised from ``data_root`` (spec/data.md §3.1):
+Three layouts are recognised from ``data_root``:
 
 - SATS: ``data_root`` *is* the VOC folder: ``JPEGImages/``, ``SegmentationClassAug/``,
   ``splits/train_aug.txt``, ``splits/val.txt``;

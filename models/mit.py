@@ -2,7 +2,7 @@
 
 Layer layout, hyper-parameters and parameter names follow the official release
 (NVlabs/SegFormer ``mix_transformer.py``), so its ImageNet checkpoints ``mit_bX.pth``
-load key for key (see ``utils.weights.load_mit_weights``; spec/models.md §1).
+load key for key (see ``utils.weights.load_mit_weights``).
 
 Per stage s (C channels, h heads, reduction ratio R):
 
@@ -41,7 +41,7 @@ __all__ = [
     "mit_variant",
 ]
 
-# Official per-variant settings (spec/models.md §1.1). The heads, reduction ratios and the MLP
+# Official per-variant settings. The heads, reduction ratios and the MLP
 # ratio of 4 are common to every variant (the paper's 8/8/4/4 ratios do not match the checkpoints).
 MIT_CONFIGS = {
     "mit_b0": dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),

@@ -1,8 +1,8 @@
 """Decoders that turn the four MiT stage outputs into a stride-4 feature map.
 
-``SATSHead`` is the decoder SATS trains (spec/models.md §2.1, default ``--segformer_head sats``);
+``SATSHead`` is the decoder SATS trains (default ``--segformer_head sats``);
 ``SegFormerMLPHead`` is the official all-MLP decoder of SegFormer without its final class
-projection (§2.2, ``--segformer_head mlp``). Both return ``(B, channels, H/4, W/4)``; the
+projection (``--segformer_head mlp``). Both return ``(B, channels, H/4, W/4)``; the
 per-step 1×1 classifiers of ``IncrementalSegmentationModule`` produce the logits.
 """
 

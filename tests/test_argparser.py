@@ -20,7 +20,7 @@ def parse(*args):
 def test_defaults_match_the_sats_argparser_and_the_decision_table():
     opts = parse()
     expected = {
-        # SATS argparser (spec/engine.md 1.2)
+        # SATS argparser
         "data_root": "data", "dataset": "voc", "task": "19-1", "step": [0], "overlap": False,
         "data_masking": "current", "lr": [0.007], "epochs": 30, "batch_size": 4,
         "crop_size": 512, "weight_decay": 1e-4, "lr_policy": "poly", "lr_power": 0.9,
