@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from utils.reduce import channel_argmax
 
@@ -221,6 +222,197 @@ def _scale_divisor(normalize_per_scale, scale_index: int, scale: int, n_scales: 
     return 1.0
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """The windows of one pyramid scale ``s`` on an ``H x W`` map.
+
+    Windows are ``size = W // s`` columns wide; window ``(i, j)`` covers columns
+    ``[j*size, (j+1)*size)`` and rows ``[i*size, min((i+1)*size, H))``: the width sets the window
+    size on both axes, columns right of ``s*size`` and rows below ``s*size`` are left out, and on a
+    map wider than tall the last row band is shorter than ``size``."""
+
+    scale: int
+    size: int
+    rows: int  # rows covered: min(scale * size, H)
+
+    @classmethod
+    def of(cls, scale: int, height: int, width: int) -> "_Grid":
+        _check_scale(scale, width, height)
+        size = width // scale
+        return cls(scale, size, min(scale * size, height))
+
+    @property
+    def columns(self) -> int:
+        return self.scale * self.size
+
+    @property
+    def full_bands(self) -> int:
+        """Row bands that are ``size`` rows high (all but a short last one)."""
+        return self.rows // self.size
+
+    @property
+    def last_rows(self) -> int:
+        """Height of the short last row band, 0 when every band is full."""
+        return self.rows - self.full_bands * self.size
+
+    def derives_from(self, finer: "_Grid") -> bool:
+        """Whether this scale's windows are unions of ``finer``'s windows (same pyramid rows)."""
+        return (finer.size > 0 and self.size % finer.size == 0 and self.columns <= finer.columns)
+
+
+def _sum_bands(y: torch.Tensor, full: int, band: int, end: int) -> torch.Tensor:
+    """``(..., n_rows, n) -> (..., bands, n)``: ``full`` sums of ``band`` consecutive rows, then,
+    if ``end > full * band``, the sum of rows ``full*band .. end-1`` (a short last band)."""
+    lead, n = y.shape[:-2], y.shape[-1]
+    parts = [y[..., :full * band, :].reshape(*lead, full, band, n).sum(dim=-2)] if full else []
+    if end > full * band:
+        parts.append(y[..., full * band:end, :].sum(dim=-2, keepdim=True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+
+class _WindowSums(torch.autograd.Function):
+    """Per window of ``grid``, of ``x`` or (``square``) of ``x**2``: the sums over its columns of
+    each of its rows (``B x C x rows x s``: row ``r`` of window ``(i, j)`` at ``[..., r, j]``) and
+    the sums over its rows of each of its columns (``B x C x bands x s*size``: column ``c`` of
+    window ``(i, j)`` at ``[..., i, c]``).
+
+    Two reductions of the map, whatever the number of windows. The backward is written out: each
+    element's gradient is its row's plus its column's window gradient, times ``2 x`` when squared,
+    in three passes over the map (autograd's copies the expanded gradient of each reduction and
+    then runs the square's backward, twice as many, with a map-sized temporary for each)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, grid: "_Grid", square: bool):
+        used = x[..., :grid.rows, :grid.columns]
+        values = used * used if square else used
+        batch, channels = x.shape[:2]
+        row_sums = values.reshape(batch, channels, grid.rows, grid.scale, grid.size).sum(dim=-1)
+        col_sums = _sum_bands(values, grid.full_bands, grid.size, grid.rows)
+        ctx.grid, ctx.square, ctx.shape = grid, square, tuple(x.shape)
+        if square:
+            ctx.save_for_backward(x)
+        return row_sums, col_sums
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows: torch.Tensor, grad_cols: torch.Tensor):
+        grid = ctx.grid
+        if ctx.square:
+            grad_rows, grad_cols = 2 * grad_rows, 2 * grad_cols
+        grad_used = _spread_window_grads(grad_rows, grad_cols, grid)
+        if ctx.square:
+            (x,) = ctx.saved_tensors
+            grad_used.mul_(x[..., :grid.rows, :grid.columns])
+        if tuple(grad_used.shape) == ctx.shape:
+            return grad_used, None, None
+        grad = grad_used.new_zeros(ctx.shape)  # columns and rows outside the pyramid
+        grad[..., :grid.rows, :grid.columns] = grad_used
+        return grad, None, None
+
+
+def _spread_window_grads(grad_rows: torch.Tensor, grad_cols: torch.Tensor,
+                         grid: "_Grid") -> torch.Tensor:
+    """``B x C x rows x s*size``: at each element, the gradient of its row's window row-sum plus
+    that of its column's band column-sum. Written as a broadcast copy then a broadcast add
+    (a single broadcast sum of both is several times slower on CPU)."""
+    batch, channels = grad_rows.shape[:2]
+    s, k, full, n = grid.scale, grid.size, grid.full_bands, grid.columns
+    out = grad_rows.new_empty(batch, channels, grid.rows, n)
+    if full:
+        out[:, :, :full * k].view(batch, channels, full, k, n).copy_(
+            grad_cols[:, :, :full].reshape(batch, channels, full, 1, n))
+    if grid.last_rows:
+        out[:, :, full * k:].copy_(grad_cols[:, :, full:full + 1])
+    out.view(batch, channels, grid.rows, s, k).add_(grad_rows.reshape(batch, channels, grid.rows, s, 1))
+    return out
+
+
+def _sum_groups(x: torch.Tensor, groups: int, m: int) -> torch.Tensor:
+    """``(..., n) -> (..., groups)``: sums of ``m`` consecutive entries of the last axis, as ``m``
+    strided slices added (reducing a short last axis is slow in torch on CPU)."""
+    if m == 1:
+        return x[..., :groups]
+    total = x[..., 0:groups * m:m]
+    for offset in range(1, m):
+        total = total + x[..., offset:groups * m:m]
+    return total
+
+
+def _coarser_sums(sums: Tuple[torch.Tensor, torch.Tensor], finer: "_Grid",
+                  grid: "_Grid") -> Tuple[torch.Tensor, torch.Tensor]:
+    """``_WindowSums`` of ``grid`` from those of ``finer`` (``grid.derives_from(finer)``): each
+    coarse window is ``m x m`` fine windows, so its sums add ``m`` fine ones."""
+    row_sums, col_sums = sums
+    m = grid.size // finer.size
+    coarse_rows = _sum_groups(row_sums[..., :grid.rows, :], grid.scale, m)
+    # the coarse band i is the fine bands i*m .. i*m + m - 1 (the last fine ones may be short)
+    coarse_cols = _sum_bands(col_sums[..., :grid.columns], grid.full_bands, m, grid.scale * m)
+    return coarse_rows, coarse_cols
+
+
+def _pyramid_means(x: torch.Tensor, spp_scales: Sequence[int], normalize_per_scale,
+                   square: bool = False) -> list:
+    """For each scale in order (``None`` for a scale finer than the width, which has no windows):
+    ``(grid, width_means, height_means)``, the window sums of ``_WindowSums`` (of ``x**2`` when
+    ``square``) divided by the window's width / band's height and by the per-scale divisor. The
+    finest scale is summed from the map; every scale whose windows are unions of its windows is
+    summed from its sums, any other one from the map."""
+    height, width = x.shape[-2], x.shape[-1]
+    grids = [_Grid.of(scale, height, width) for scale in spp_scales]
+    usable = [g for g in grids if g.size > 0]
+    if not usable:
+        return [None] * len(grids)
+    finest = min(usable, key=lambda g: g.size)
+    finest_sums = _WindowSums.apply(x, finest, square)
+    out = []
+    for scale_index, grid in enumerate(grids):
+        if grid.size == 0:
+            out.append(None)
+            continue
+        if grid == finest:
+            row_sums, col_sums = finest_sums
+        elif grid.derives_from(finest):
+            row_sums, col_sums = _coarser_sums(finest_sums, finest, grid)
+        else:
+            row_sums, col_sums = _WindowSums.apply(x, grid, square)
+        divisor = _scale_divisor(normalize_per_scale, scale_index, grid.scale, len(grids))
+        width_means = row_sums / (grid.size * divisor)
+        height_means = _band_means(col_sums, grid, divisor)
+        out.append((grid, width_means, height_means))
+    return out
+
+
+def _band_means(col_sums: torch.Tensor, grid: _Grid, divisor: float) -> torch.Tensor:
+    """Column sums per row band divided by the band's height (and ``divisor``); divisions by
+    Python numbers, so no tensor of heights is built (or sent to the device) per call."""
+    if not grid.last_rows:
+        return col_sums / (grid.size * divisor)
+    full = grid.full_bands
+    return torch.cat([col_sums[..., :full, :] / (grid.size * divisor),
+                      col_sums[..., full:, :] / (grid.last_rows * divisor)], dim=-2)
+
+
+def _windows_in_order(grid: _Grid, width_means: torch.Tensor,
+                      height_means: torch.Tensor) -> torch.Tensor:
+    """PLOP's layout of one scale: windows in row-major order, each its width-means (``C x rows``,
+    channel-major) then its height-means (``C x size``)."""
+    batch, channels = width_means.shape[:2]
+    s, k, full = grid.scale, grid.size, grid.full_bands
+    parts = []
+    if full:
+        by_row = width_means[..., :full * k, :].reshape(batch, channels, full, k, s)
+        by_row = by_row.permute(0, 2, 4, 1, 3)                       # B, i, j, C, r
+        by_col = height_means[..., :full, :].reshape(batch, channels, full, s, k)
+        by_col = by_col.permute(0, 2, 3, 1, 4)                       # B, i, j, C, c
+        parts.append(torch.stack([by_row, by_col], dim=3).reshape(batch, -1))
+    if grid.last_rows:
+        by_row = width_means[..., full * k:, :].permute(0, 3, 1, 2)  # B, j, C, r
+        by_col = height_means[..., full, :].reshape(batch, channels, s, k).permute(0, 2, 1, 3)
+        last = torch.cat([by_row.reshape(batch, s, -1), by_col.reshape(batch, s, -1)], dim=-1)
+        parts.append(last.reshape(batch, -1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def local_pod(x: torch.Tensor, spp_scales: Sequence[int] = (1, 2, 4),
               normalize_per_scale: Union[bool, str] = False) -> torch.Tensor:
     """PLOP's local POD pyramid (``_local_pod``), one embedding per sample.
@@ -231,19 +423,28 @@ def local_pod(x: torch.Tensor, spp_scales: Sequence[int] = (1, 2, 4),
     followed by its mean over height; everything is concatenated. ``normalize_per_scale`` divides
     each region's pools by ``s**2`` (True) or by ``2**(n-1)`` for the first scale and
     ``2**(n-index)`` for the others ("spm").
+
+    Computed without a loop over regions: the window sums of every scale come from two
+    reductions of the map (see ``_pyramid_means``), then are laid out in PLOP's order.
     """
-    batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
-    embeddings = []
-    for scale_index, scale in enumerate(spp_scales):
-        _check_scale(scale, width, height)
-        size = width // scale
-        divisor = _scale_divisor(normalize_per_scale, scale_index, scale, len(spp_scales))
-        for i in range(scale):
-            for j in range(scale):
-                region = x[..., i * size:(i + 1) * size, j * size:(j + 1) * size]
-                embeddings.append(region.mean(dim=3).reshape(batch, -1) / divisor)
-                embeddings.append(region.mean(dim=2).reshape(batch, -1) / divisor)
-    return torch.cat(embeddings, dim=1)
+    batch = x.shape[0]
+    pieces = [_windows_in_order(*scale) for scale in _pyramid_means(x, spp_scales, normalize_per_scale)
+              if scale is not None]
+    return torch.cat(pieces, dim=1) if pieces else x.reshape(batch, -1)[:, :0]  # empty, still in the graph
+
+
+def _local_pod_unordered(x: torch.Tensor, spp_scales: Sequence[int],
+                         normalize_per_scale: Union[bool, str], square: bool) -> torch.Tensor:
+    """The values of ``local_pod(x**2 if square else x)`` in another order (per scale: all
+    width-means, then all height-means). The POD distances (norms over the whole embedding, after
+    an optional L2-normalisation of it) do not depend on the order, and this skips the reordering
+    copies; squaring inside ``_WindowSums`` folds the square's backward into the sums' one."""
+    batch = x.shape[0]
+    pieces = [means.reshape(batch, -1)
+              for scale in _pyramid_means(x, spp_scales, normalize_per_scale, square)
+              if scale is not None
+              for means in scale[1:]]
+    return torch.cat(pieces, dim=1) if pieces else x.reshape(batch, -1)[:, :0]  # empty, still in the graph
 
 
 def _preprocess(x: torch.Tensor, prepro: str) -> torch.Tensor:
@@ -284,12 +485,13 @@ def _pod_mask(labels: torch.Tensor, index_new_class: int, apply_mask: str,
     return (labels < index_new_class) & (pseudo > 0)
 
 
-def _collapse(x: torch.Tensor, options: PodMapOptions) -> torch.Tensor:
+def _collapse(x: torch.Tensor, options: PodMapOptions, square: bool = False) -> torch.Tensor:
+    """The embedding of ``x`` (of ``x**2`` when ``square``, only with the "local" collapse)."""
     if options.collapse == "spatial":
         return spatial_pod(x)
     if options.collapse == "global":
         return global_pod(x, options.spp_scales)
-    return local_pod(x, options.spp_scales, options.normalize_per_scale)
+    return _local_pod_unordered(x, options.spp_scales, options.normalize_per_scale, square)
 
 
 def _pod_schedule(nb_current_classes: int, nb_new_classes: int) -> float:
@@ -298,6 +500,47 @@ def _pod_schedule(nb_current_classes: int, nb_new_classes: int) -> float:
                          f"for nb_current_classes={nb_current_classes}, "
                          f"nb_new_classes={nb_new_classes}")
     return math.sqrt(nb_current_classes / nb_new_classes)
+
+
+def _freeze(value):
+    """A hashable copy of an options value (dicts, lists, scalars), types included so that
+    ``1`` and ``1.0`` or ``True`` stay distinct keys; TypeError for anything else."""
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted(((str(k), type(k).__name__), _freeze(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_freeze(v) for v in value))
+    hash(value)
+    return (type(value).__name__, value)
+
+
+_RESOLVED: dict = {}
+_RESOLVED_MAX = 64
+
+
+def _resolved_options(n_maps: int, *args) -> Tuple[PodMapOptions, ...]:
+    """``resolve_pod_options(n_maps, *args)``, remembered: the trainer asks for the same settings
+    at every iteration, and resolving and checking them is pure Python work."""
+    try:
+        key = _freeze((n_maps,) + args)
+    except TypeError:
+        return resolve_pod_options(n_maps, *args)
+    resolved = _RESOLVED.get(key)
+    if resolved is None:
+        resolved = resolve_pod_options(n_maps, *args)  # raises on bad options: nothing is stored
+        if len(_RESOLVED) < _RESOLVED_MAX:
+            _RESOLVED[key] = resolved
+    return resolved
+
+
+@dataclass(frozen=True)
+class _PodBatch:
+    """What the masks and the adaptive factors of every map read."""
+
+    labels: Optional[torch.Tensor]
+    index_new_class: Optional[int]
+    deeplab_mask: bool                 # the ``pod_deeplab_mask`` argument
+    upscale: bool                      # ``deeplabmask_upscale``
+    outputs_old: Optional[torch.Tensor]
 
 
 def features_distillation(
@@ -345,7 +588,8 @@ def features_distillation(
     Not copied: masking writes into the caller's map in PLOP (a copy here); ``"spm"`` per-scale
     normalisation crashes on masked maps in PLOP (works here); ``pod_apply`` and
     ``interpolate_last`` are read but unused by PLOP, so values other than the defaults raise.
-    A non-finite distance raises, as PLOP's assertion does.
+    A non-finite distance raises, as PLOP's assertion does (checked once for all maps, so a GPU
+    run waits for the device once per call, not once per map).
     """
     if pod_apply != "all":
         raise ValueError(f"pod_apply={pod_apply!r} is not supported: PLOP ignores it, every map is "
@@ -356,69 +600,87 @@ def features_distillation(
         raise ValueError(f"POD needs two non-empty lists of equal length, got "
                          f"{len(list_attentions_a)} old and {len(list_attentions_b)} new maps")
     n_maps = len(list_attentions_a)
-    per_map = resolve_pod_options(n_maps, collapse_channels, pod_factor, prepro, spp_scales,
-                                  use_pod_schedule, pod_options, pod_deeplab_mask,
-                                  pod_deeplab_mask_factor)
+    per_map = _resolved_options(n_maps, collapse_channels, pod_factor, prepro, tuple(spp_scales),
+                                use_pod_schedule, pod_options, pod_deeplab_mask,
+                                pod_deeplab_mask_factor)
+    batch = _PodBatch(labels, index_new_class, pod_deeplab_mask, deeplabmask_upscale, outputs_old)
     total = torch.zeros((), dtype=torch.float32, device=list_attentions_a[0].device)
+    distances = {}
     for index, (old, new, options) in enumerate(zip(list_attentions_a, list_attentions_b, per_map)):
         if options.factor <= 0:
             continue
         if old.shape[1] != new.shape[1] and index != n_maps - 1:
             raise ValueError(f"POD map {index}: only the last map may differ in channels, got old "
                              f"{tuple(old.shape)} and new {tuple(new.shape)}")
-        layer_loss = _pod_map_loss(index, old.float(), new.float(), options, labels,
-                                   index_new_class, pod_deeplab_mask, deeplabmask_upscale,
-                                   outputs_old)
-        layer_loss = options.factor * layer_loss
+        distance, weight = _pod_map_distance(index, old.float(), new.float(), options, batch)
+        distances[index] = distance
+        layer_loss = options.factor * torch.mean(weight * distance)
         if options.use_schedule:
             layer_loss = layer_loss * _pod_schedule(nb_current_classes, nb_new_classes)
         total = total + layer_loss
+    _check_finite(distances)
     return total / n_maps
 
 
-def _pod_map_loss(index: int, old: torch.Tensor, new: torch.Tensor, options: PodMapOptions,
-                  labels: Optional[torch.Tensor], index_new_class: Optional[int],
-                  pod_deeplab_mask: bool, deeplabmask_upscale: bool,
-                  outputs_old: Optional[torch.Tensor]) -> torch.Tensor:
+def _check_finite(distances: dict) -> None:
+    if not distances:
+        return
+    finite = torch.stack([torch.isfinite(d).all() for d in distances.values()])
+    if not bool(finite.all()):
+        index, distance = next((i, d) for i, d in distances.items() if not bool(torch.isfinite(d).all()))
+        raise ValueError(f"POD map {index}: the distance is not finite ({distance.tolist()})")
+
+
+def _pod_map_distance(index: int, old: torch.Tensor, new: torch.Tensor, options: PodMapOptions,
+                      batch: _PodBatch) -> Tuple[torch.Tensor, Union[float, torch.Tensor]]:
+    """The per-image distance between the embeddings of one map pair, and its weight ``w``."""
     if old.dim() != 4 or new.dim() != 4:
         raise ValueError(f"POD map {index}: maps must be B x C x H x W, got {tuple(old.shape)} and "
                          f"{tuple(new.shape)}")
     if old.shape[1] != new.shape[1]:
-        new = _match_old_channels(old, new, index_new_class, options.extra_channels)
+        new = _match_old_channels(old, new, batch.index_new_class, options.extra_channels)
     if old.shape != new.shape:
         raise ValueError(f"POD map {index}: old {tuple(old.shape)} and new {tuple(new.shape)} "
                          "differ")
-    needs_labels = options.masked or (options.use_adaptive_factor and not pod_deeplab_mask)
-    if needs_labels and labels is None:
+    needs_labels = options.masked or (options.use_adaptive_factor and not batch.deeplab_mask)
+    if needs_labels and batch.labels is None:
         raise ValueError(f"POD map {index}: labels are needed for the mask / adaptive factor")
 
     weight = 1.0
-    if options.use_adaptive_factor and not pod_deeplab_mask:
-        weight = (labels == 0).float().mean()
-    old, new = _preprocess(old, options.prepro), _preprocess(new, options.prepro)
+    if options.use_adaptive_factor and not batch.deeplab_mask:
+        weight = (batch.labels == 0).float().mean()
+    # The local pyramid squares inside its window sums: no squared copy of the map, and a
+    # one-pass backward.
+    square = options.prepro == "pow" and options.collapse == "local" and not options.masked
+    if not square:
+        old, new = _preprocess(old, options.prepro), _preprocess(new, options.prepro)
     if options.masked:
-        if index_new_class is None:
-            raise ValueError(f"POD map {index}: the deeplab mask needs index_new_class")
-        mask = _pod_mask(labels, index_new_class, options.apply_mask, outputs_old)
-        if deeplabmask_upscale:
-            old = _topk_upscaled(old, options.upscale_mask_topk, labels.shape[-2:])
-            new = _topk_upscaled(new, options.upscale_mask_topk, labels.shape[-2:])
-        else:
-            mask = F.interpolate(mask[:, None].float(), size=old.shape[-2:], mode="nearest")
-            mask = mask[:, 0].bool()
+        old, new, mask_weight = _masked(index, old, new, options, batch)
         if options.use_adaptive_factor:
-            weight = mask.float().mean(dim=(1, 2))
-        old = old.masked_fill(mask[:, None], 0.)
-        new = new.masked_fill(mask[:, None], 0.)
+            weight = mask_weight
 
-    emb_old, emb_new = _collapse(old, options), _collapse(new, options)
+    emb_old, emb_new = _collapse(old, options, square), _collapse(new, options, square)
     if options.normalize:
         emb_old, emb_new = F.normalize(emb_old, dim=1, p=2), F.normalize(emb_new, dim=1, p=2)
     order = 2 if options.difference == "frobenius" else 1
-    distance = torch.linalg.vector_norm(emb_old - emb_new, ord=order, dim=-1)
-    if not bool(torch.isfinite(distance).all()):
-        raise ValueError(f"POD map {index}: the distance is not finite ({distance.tolist()})")
-    return torch.mean(weight * distance)
+    return torch.linalg.vector_norm(emb_old - emb_new, ord=order, dim=-1), weight
+
+
+def _masked(index: int, old: torch.Tensor, new: torch.Tensor, options: PodMapOptions,
+            batch: _PodBatch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PLOP's deeplab mask on preprocessed maps: both maps zeroed where the mask holds (after
+    the top-k upscaling, or with the mask downscaled to the map), and each image's masked share."""
+    if batch.index_new_class is None:
+        raise ValueError(f"POD map {index}: the deeplab mask needs index_new_class")
+    mask = _pod_mask(batch.labels, batch.index_new_class, options.apply_mask, batch.outputs_old)
+    if batch.upscale:
+        old = _topk_upscaled(old, options.upscale_mask_topk, batch.labels.shape[-2:])
+        new = _topk_upscaled(new, options.upscale_mask_topk, batch.labels.shape[-2:])
+    else:
+        mask = F.interpolate(mask[:, None].float(), size=old.shape[-2:], mode="nearest")
+        mask = mask[:, 0].bool()
+    share = mask.float().mean(dim=(1, 2))
+    return old.masked_fill(mask[:, None], 0.), new.masked_fill(mask[:, None], 0.), share
 
 
 def _topk_upscaled(x: torch.Tensor, k: int, size) -> torch.Tensor:
