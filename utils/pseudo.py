@@ -94,6 +94,7 @@ _DEFAULT_NB_BINS = {"entropy": 100, "probability": 20}
 # writes over an infinite threshold.
 LEGACY_MEDIANS = ("sats", "plop")
 SATS_INFINITE_THRESHOLD = 0.005
+_THRESHOLD_CACHE_FORMAT = 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -615,6 +616,9 @@ class ThresholdKey:
     def as_dict(self) -> dict:
         fields = asdict(self)
         fields["extra"] = dict(sorted(dict(self.extra).items()))
+        # what the thresholds mean changed with format 2 (legacy=True is the SATS repository's
+        # computation, per rank): older files must not be reused
+        fields["format"] = _THRESHOLD_CACHE_FORMAT
         return fields
 
     def digest(self) -> str:
