@@ -382,10 +382,10 @@ def get_regularizer(model, model_old, device, opts, state=None):
               iterations=opts.reg_iterations, normalize=normalize)
 
 
-def check_finite_state(state: dict, path: str) -> None:
+def check_finite_state(state: dict, path: str, step: int | None = None) -> None:
     """Raise ``ValueError`` naming ``path`` if a regularizer state (a checkpoint's
-    ``trainer_state["regularizer"]``) holds a NaN/Inf importance: training on it would apply NaN
-    gradients at the first iteration."""
+    ``trainer_state["regularizer"]``) holds a NaN/Inf tensor: training on it would apply NaN
+    gradients at the first iteration. ``step`` is the step that wrote the file (named in the fix)."""
     bad = []
 
     def visit(value, key):
@@ -398,6 +398,7 @@ def check_finite_state(state: dict, path: str) -> None:
 
     visit(state, "")
     if bad:
+        which = f"step {step}" if step is not None else "that step"
         raise ValueError(f"checkpoint {path} holds a non-finite regularizer importance ({len(bad)} tensors, first "
-                         f"{bad[0]}): the step that wrote it diverged. Retrain that step (with --opt_level O0 or "
+                         f"{bad[0]}): the step that wrote it diverged. Retrain {which} (with --opt_level O0 or "
                          f"a lower --lr)")
