@@ -1,16 +1,8 @@
 """Command-line options of ``run.py``: the options every run shares, and the method presets.
 
-The methods' own option groups, presets and checks live in their modules (``methods/``); this file
-asks the registry for them. The originals' options that do nothing or are refused live in
-``utils/legacy_options.py`` (hidden from ``--help``, listed by ``--help_legacy``).
-
-* ``--method`` is a *preset* (case-insensitive): it fills in the options of its
-  :class:`methods.MethodSpec`. ``BASE+TECHNIQUE`` adds a technique's preset, ``-M`` the exemplar
-  memory (:data:`MEMORY_SIZES` images). An option given explicitly on the command line wins over the
-  preset, and the override is reported in ``opts.preset_overrides`` (``"preset MiB sets
-  loss_kd=40; using 10 from the command line"``).
-* ``--model`` has a default (``segformer_b2``) and accepts every MiT size; ``--local_rank``,
-  ``--local-rank`` and the ``LOCAL_RANK`` environment variable (torchrun) all work.
+The methods' option groups, presets and checks live in their modules (``methods/``, presets applied by
+``methods.presets``): an explicit option wins over a preset, and the run logs the override. The
+originals' inert or refused options live in ``utils/legacy_options.py`` (listed by ``--help_legacy``).
 
 Public API: :func:`get_argparser`, :func:`modify_command_options`, :func:`parse_options`,
 :func:`explicit_options`, :func:`options_to_dict`, :data:`METHOD_PRESETS`, :data:`ORIGINAL_REPO_VALUES`.
@@ -22,7 +14,9 @@ import os
 import sys
 
 import methods
+from methods.common import add_switch
 from methods.plop import PSEUDO_MODES as _PLOP_PSEUDO
+from methods.presets import ORIGINAL_REPO_VALUES, apply_method, canonical_method, original_repo_flags
 from methods.sats import DISTILL_OBJECTS  # noqa: F401  (re-exported)
 from utils import legacy_options
 
@@ -45,16 +39,6 @@ PSEUDO_MODES = _PLOP_PSEUDO + ("ssul",)
 NO_EFFECT_OPTIONS = legacy_options.no_effect_names()
 NOT_IMPLEMENTED_OPTIONS = legacy_options.refused_names()
 
-# The MiB / PLOP repositories' own values where they differ from METHOD_PRESETS (the SATS
-# repository's): {method: {repository: {option: value}}}. original_repo_flags() writes the flags.
-ORIGINAL_REPO_VALUES = {
-    "ILT": {"MiB": {"loss_kd": 100, "loss_de": 100}, "PLOP": {"loss_kd": 100, "loss_de": 100}},
-    "EWC": {"MiB": {"reg_importance": 500}},
-    "PI": {"MiB": {"reg_importance": 500}},
-    "MiB": {"MiB": {"loss_kd": 10}, "PLOP": {"loss_kd": 10}},
-}
-
-
 class UsageError(ValueError):
     """A bad option or combination: the message names the option and the fix."""
 
@@ -71,7 +55,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     columns so that an option and its help share a line."""
 
     def __init__(self, prog):
-        super().__init__(prog, max_help_position=36, width=110)
+        super().__init__(prog, max_help_position=36, width=120)
 
     def _get_help_string(self, action):
         if action.const is False or "default" in (action.help or "") or action.default in (None, False):
@@ -94,12 +78,6 @@ class _LegacyHelp(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         print(legacy_options.legacy_help())
         parser.exit()
-
-
-def _switch(group, name, help_text, default=False):
-    from methods.common import add_switch
-
-    add_switch(group, name, help_text, default)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,9 +143,8 @@ def _add_model_options(parser):
                         "(synchronised across GPUs for iabn_sync) + LeakyReLU(0.01), with the "
                         "in-place variants' abs(weight)+eps scaling; std: plain BatchNorm. Also "
                         "names the ImageNet file pretrained/{backbone}_{norm_act}.pth.tar")
-    g.add_argument("--pretrained", type=str, default=None, metavar="PATH",
-                   help="ImageNet weights for the encoder/body (default: the model's file under "
-                        "{code_directory}/pretrained/, e.g. mit_b2.pth); a missing file is an error")
+    g.add_argument("--pretrained", type=str, default=None, metavar="SOURCE", help="ImageNet weights: a file (default "
+                   "{code_directory}/pretrained/<model file>), hf:OWNER/REPO[@REV] or torchvision[:WEIGHTS] (cached)")
     g.add_argument("--no_pretrained", action="store_true", default=False,
                    help="start the encoder/body from random weights")
     g.add_argument("--code_directory", type=str, default=".",
@@ -213,7 +190,7 @@ def _add_training_options(parser):
     g.add_argument("--lr_decay_factor", type=float, default=0.1,
                    help="StepLR factor (--lr_policy step)")
     g.add_argument("--lr_power", type=float, default=0.9, help="exponent of the poly schedule")
-    _switch(g, "freeze",
+    add_switch(g, "freeze",
                 "at steps > 0 leave the feature extractor out of the optimiser (ILT); with --ssul "
                 "only the new, unknown and background classifiers are trained (SSUL)")
     g.add_argument("--stop_after_epochs", type=int, default=None,
@@ -240,9 +217,11 @@ def _add_validation_options(parser):
                         "--name give); used by the first step of the invocation only")
     g.add_argument("--checkpoint", type=str, default="checkpoints/step",
                    help="checkpoint folder: {checkpoint}/{task}-{dataset}_{name}_{step}.pth")
+    g.add_argument("--max_skipped_samples", type=int, default=10,
+                   help="unreadable files per split left out (counted, reported, never replaced) before the run stops")
     g.add_argument("--allow_checkpoint_mismatch", action="store_true", default=False,
                    help="accept a checkpoint whose recorded dataset, class order or model differs (logged)")
-    _switch(g, "strict_weights",
+    add_switch(g, "strict_weights",
                 "load checkpoints strictly (every key must match); CHANGED: the originals' flag "
                 "turned strict loading off", default=True)
 
@@ -256,14 +235,14 @@ def _add_logging_options(parser):
     g.add_argument("--date", type=str, default=str(datetime.date.today()),
                    help="date written into the results file name results/{date}_{dataset}_{task}_"
                         "{name}.csv (default: today)")
-    _switch(g, "visualize",
+    add_switch(g, "visualize",
                 "TensorBoard logging on rank 0 (default on). CHANGED: the originals' flag "
                 "turned it off", default=True)
     g.add_argument("--sample_num", type=int, default=0,
                    help="number of validation images whose predictions go to TensorBoard")
     g.add_argument("--debug", action="store_true", default=False,
                    help="verbose logging; a step > 0 may start without a previous checkpoint")
-    _switch(g, "progress", "tqdm progress bars on rank 0", default=True)
+    add_switch(g, "progress", "tqdm progress bars on rank 0", default=True)
 
 
 def _add_performance_options(parser):
@@ -323,12 +302,8 @@ def _parser_defaults(parser=None):
 
 
 def explicit_options(argv, parser=None):
-    """Destinations given on the command line ``argv`` (a list of strings).
-
-    The same parser is built with every default set to ``argparse.SUPPRESS``, so the parsed
-    namespace holds exactly the options that were typed, whatever their value (``--loss_kd 0``
-    with a default of 0 counts as given).
-    """
+    """Destinations typed on the command line ``argv``: the parser with every default suppressed
+    (``--loss_kd 0`` with a default of 0 counts as given)."""
     parser = parser or get_argparser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
@@ -338,34 +313,6 @@ def explicit_options(argv, parser=None):
 # ---------------------------------------------------------------------------------------------
 # Post-processing: preset, derived attributes, checks
 # ---------------------------------------------------------------------------------------------
-def canonical_method(name):
-    """``(method, uses_memory)`` for a user spelling of a base method: ``"mib"`` -> ``("MiB", False)``,
-    ``"SATS-m"`` -> ``("SATS", True)``, ``None`` -> ``("FT", False)``. Techniques are dropped
-    (:func:`methods.parse` keeps them)."""
-    parsed = methods.parse(name)
-    return parsed.base, parsed.memory
-
-
-def _format_value(value):
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
-
-
-def _apply_preset(opts, preset_name, values, explicit):
-    """Set ``values`` on ``opts`` except where the user gave the option; return the override notes."""
-    notes = []
-    for option, value in values.items():
-        if option not in explicit:
-            setattr(opts, option, value)
-        elif getattr(opts, option) != value:
-            notes.append(f"preset {preset_name} sets {option}={_format_value(value)}; using "
-                         f"{_format_value(getattr(opts, option))} from the command line")
-    return notes
-
-
 def _explicit_set(opts, explicit):
     if explicit is not None:
         return set(explicit)
@@ -430,23 +377,12 @@ def _check_training_numbers(opts):
             raise UsageError(f"--{name} must be > 0, got {getattr(opts, name)}")
     if opts.stop_after_epochs is not None and opts.stop_after_epochs < 1:
         raise UsageError(f"--stop_after_epochs must be >= 1, got {opts.stop_after_epochs}")
-    if opts.max_nan_skips < 0:
-        raise UsageError(f"--max_nan_skips must be >= 0, got {opts.max_nan_skips}")
+    for name in ("max_nan_skips", "max_skipped_samples"):
+        if getattr(opts, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(opts, name)}")
     if opts.data_masking == "all" and not opts.test:
         raise UsageError("--data_masking all keeps the labels of future classes, which the step's classifier "
                          "has no channel for (PLOP refused it too); use current, current+old or new")
-
-
-def _apply_method(opts, explicit):
-    """Expand ``--method`` (base preset, technique presets, memory size); return the override notes."""
-    parsed = methods.parse(opts.method)
-    opts.method, opts.techniques, opts.method_label = parsed.base, list(parsed.techniques), parsed.label
-    notes = _apply_preset(opts, parsed.base, methods.get(parsed.base).preset, explicit)
-    for technique in parsed.techniques:
-        notes += _apply_preset(opts, technique, methods.get(technique).preset, explicit)
-    if parsed.memory:
-        notes += _apply_preset(opts, f"{parsed.base}-M", {"mem_size": MEMORY_SIZES[opts.dataset]}, explicit)
-    return notes
 
 
 def modify_command_options(opts, explicit=None):
@@ -467,7 +403,7 @@ def modify_command_options(opts, explicit=None):
     if opts.model not in MODELS:
         raise UsageError(f"unknown model {opts.model!r}; valid: {', '.join(MODELS)} (or 'segformer')")
     try:
-        opts.preset_overrides = _apply_method(opts, explicit)
+        opts.preset_overrides = apply_method(opts, explicit, MEMORY_SIZES[opts.dataset])
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -504,14 +440,6 @@ def parse_options(argv=None):
     except ValueError as error:
         parser.error(str(error))
     return opts
-
-
-def original_repo_flags(method, repo):
-    """Command-line flags that turn ``method``'s preset into ``repo``'s own values
-    (``original_repo_flags("ILT", "MiB")`` -> ``"--loss_kd 100 --loss_de 100"``); "" if equal."""
-    method, _ = canonical_method(method)
-    values = ORIGINAL_REPO_VALUES.get(method, {}).get(repo, {})
-    return " ".join(f"--{option} {_format_value(value)}" for option, value in values.items())
 
 
 def options_to_dict(opts):

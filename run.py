@@ -16,7 +16,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import random
 import sys
-import tempfile
 import time
 from copy import deepcopy
 from dataclasses import dataclass
@@ -24,12 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 import argparser
 import dataset as datasets
 import tasks
+from dataset import SkipAwareLoader, report_skips
 import methods
 from methods.memory import build_memory_loader
 from metrics import StreamSegMetrics, summarize_step
@@ -38,10 +38,11 @@ from train import Trainer, amp_settings
 from utils import distributed as dist_utils
 from utils.distributed import unwrap
 from utils.errors import UserError, run_cli
-from utils.io import remove_orphan_temp_files
+from utils.io import check_writable, remove_orphan_temp_files
 from utils.regularizer import check_finite_state
 from utils.checkpoint import checkpoint_path, load_checkpoint, options_to_dict, save_atomic, strip_prefix
-from utils.logger import Logger, confusion_matrix_figure
+from utils.logger import Logger
+from utils.visualize import confusion_matrix_figure, task_class_names
 from utils.results import append_results_row, write_run_info
 from utils.scheduler import get_scheduler
 
@@ -85,16 +86,17 @@ def build_loaders(opts, step, rank, world):
         raise ValueError(
             f"step {step} has {len(train_dst)} training images, fewer than one global batch "
             f"({opts.batch_size} x {world} processes); lower --batch_size")
-    train_loader = DataLoader(
+    limit = opts.max_skipped_samples  # unreadable files are left out and counted, never replaced
+    train_loader = SkipAwareLoader(
         train_dst, batch_size=opts.batch_size,
         sampler=DistributedSampler(train_dst, num_replicas=world, rank=rank, seed=opts.random_seed),
         num_workers=opts.num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
-        persistent_workers=False)
+        persistent_workers=False, max_skipped=limit)
     eval_batch = opts.batch_size if opts.crop_val else 1
-    val_loader = DataLoader(val_dst, batch_size=eval_batch,
-                            sampler=ShardSampler(len(val_dst), rank, world), num_workers=opts.num_workers)
-    test_loader = DataLoader(test_dst, batch_size=eval_batch,
-                             sampler=ShardSampler(len(test_dst), rank, world), num_workers=opts.num_workers)
+    val_loader = SkipAwareLoader(val_dst, batch_size=eval_batch, sampler=ShardSampler(len(val_dst), rank, world),
+                                 num_workers=opts.num_workers, max_skipped=limit)
+    test_loader = SkipAwareLoader(test_dst, batch_size=eval_batch, sampler=ShardSampler(len(test_dst), rank, world),
+                                  num_workers=opts.num_workers, max_skipped=limit)
     return train_loader, val_loader, test_loader, train_dst, val_dst, test_dst, n_classes
 
 
@@ -195,20 +197,10 @@ def remove_debris(opts, min_age_s: float = 60.0) -> None:
 
 
 def _check_writable(folder, option):
-    folder = os.path.abspath(folder)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"{option} {folder} is a file, not a folder; pass a folder path")
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"{option} {folder}: {existing} is a file, not a folder; pass another path")
     try:
-        probe = tempfile.NamedTemporaryFile(dir=existing, prefix=".css-write-probe-")
-        probe.close()
-    except OSError as error:
-        raise UserError(f"{option} {folder} is not writable ({error.strerror}); pass a folder you can "
-                        f"write to") from None
+        check_writable(folder, option, create=False)  # nothing is created before the checks pass
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def freeze(model):
@@ -272,8 +264,18 @@ def _run_step(opts, step, device, rank, world, logger):
     model.to(device)
     tester = Trainer(model, None, device, opts, classes=classes, step=step, logger=logger)
     _, score = tester.validate(test_loader, StreamSegMetrics(n_classes), end_task=True)
-    report_test(opts, step, score, n_classes, logger, world)
+    skipped = gathered_skips({"train": train_loader, "val": val_loader, "test": test_loader})
+    report = report_skips(skipped, logger, step=step)
+    report_test(opts, step, score, n_classes, logger, world, skipped, report)
     return score
+
+
+def gathered_skips(loaders) -> dict:
+    """``{split: SkipCounter}`` over every rank (collective), each checked against its limit."""
+    counters = {split: loader.skips.gathered() for split, loader in loaders.items()}
+    for counter in counters.values():
+        counter.check()
+    return counters
 
 
 @dataclass
@@ -348,6 +350,7 @@ def train_step(opts, step, model, model_old, trainer_state, classes, device, ran
         if (epoch + 1) % opts.val_interval == 0 or last:
             metrics = StreamSegMetrics(n_classes)
             val_losses, score = trainer.validate(val_loader, metrics, logger)
+            gathered_skips({"train": train_loader, "val": val_loader})
             best_score = max(best_score, score["Mean IoU"])
             logger.info(f"validation: mIoU {score['Mean IoU']:.4f}, overall acc {score['Overall Acc']:.4f}")
             logger.add_scalar("Val/MeanIoU", score["Mean IoU"], epoch)
@@ -430,13 +433,15 @@ def resume(opts, path, model, optimizer, scheduler, scaler, trainer, classes, lo
 # --------------------------------------------------------------------------------------------
 # reporting
 # --------------------------------------------------------------------------------------------
-def report_test(opts, step, score, n_classes, logger, world):
+def report_test(opts, step, score, n_classes, logger, world, skipped=None, skip_report=None):
     n_base = tasks.get_per_task_classes(opts.dataset, opts.task, 0)[0]
-    summary = summarize_step(score["Class IoU"], n_base, n_classes)
+    summary = summarize_step(score["Class IoU"], n_base, n_classes, hiou=True)
     logger.to_file(StreamSegMetrics.to_str(score))
     logger.add_scalar("Test/MeanIoU", score["Mean IoU"], step)
     logger.add_scalar("Test/Overall_Acc", score["Overall Acc"], step)
-    logger.add_figure("Test/Confusion_Matrix", confusion_matrix_figure(score["Confusion Matrix"]), step)
+    cm = score["Confusion Matrix"]
+    names = task_class_names(opts.dataset, opts.task, cm.shape[0]) if cm.shape[0] <= opts.num_classes else None
+    logger.add_figure("Test/Confusion_Matrix", confusion_matrix_figure(cm, names), step)
     if not dist_utils.is_main_process():
         return
     csv_path = os.path.join("results", f"{opts.date}_{opts.dataset}_{opts.task}_{opts.name}.csv")
@@ -445,8 +450,13 @@ def report_test(opts, step, score, n_classes, logger, world):
     write_run_info(csv_path[:-4] + ".json", {
         "options": options_to_dict(opts), "seed": opts.random_seed, "world_size": world,
         "batch_size_per_process": opts.batch_size, "global_batch_size": opts.batch_size * world,
+        "skipped_samples": skip_report or {},
     }, step=step)
     print_summary(opts, step, summary, n_base, n_classes)
+    for split, counter in (skipped or {}).items():
+        if counter.count:
+            print(f"{counter.count} {split} image{'s' if counter.count > 1 else ''} skipped (unreadable): "
+                  + ", ".join(counter.paths))
     print(f"Results {'replaced (step ' + str(step) + ' again)' if replaced else 'appended'} in {csv_path}; "
           f"TensorBoard logs in "
           f"{os.path.join(opts.logdir, f'{opts.task}-{opts.dataset}', opts.name)}")
@@ -454,11 +464,12 @@ def report_test(opts, step, score, n_classes, logger, world):
 
 def print_summary(opts, step, summary, n_base, n_seen):
     head_new = f"{n_base}-{n_seen - 1}" if n_seen > n_base else "new"
-    rows = [("step", f"0-{n_base - 1}", head_new, "all"),
-            (str(step),) + tuple("-" if np.isnan(summary[k]) else f"{100 * summary[k]:.2f}"
-                                 for k in ("base", "new", "all"))]
-    width = [max(len(r[i]) for r in rows) for i in range(4)]
-    print(f"\n{getattr(opts, 'method_label', None) or opts.method or 'FT'} on {opts.dataset} {opts.task}, test mIoU (%)")
+    keys = ("base", "new", "all", "hIoU")
+    rows = [("step", f"0-{n_base - 1}", head_new, "all", "hIoU"),
+            (str(step),) + tuple("-" if np.isnan(summary[k]) else f"{100 * summary[k]:.2f}" for k in keys)]
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"\n{getattr(opts, 'method_label', None) or opts.method or 'FT'} on {opts.dataset} {opts.task}, "
+          f"test mIoU (%)")
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, width)))
 

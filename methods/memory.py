@@ -10,7 +10,6 @@ from copy import deepcopy
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import methods
@@ -64,9 +63,11 @@ def build_memory_loader(opts, step, model_old, train_dst, device, rank, world, l
             counts[c] = counts.get(c, 0) + 1
     logger.info(f"Exemplar memory: {len(entries)} images; images per class {dict(sorted(counts.items()))}")
     memory_dst = mem.MemoryDataset(memory_base_dataset(opts, step, entries), min_len=opts.batch_size)
-    return DataLoader(memory_dst, batch_size=opts.batch_size,
-                      sampler=DistributedSampler(memory_dst, num_replicas=world, rank=rank, seed=opts.random_seed),
-                      num_workers=opts.num_workers, drop_last=True)
+    from dataset import SkipAwareLoader
+
+    return SkipAwareLoader(memory_dst, batch_size=opts.batch_size,
+                           sampler=DistributedSampler(memory_dst, num_replicas=world, rank=rank, seed=opts.random_seed),
+                           num_workers=opts.num_workers, drop_last=True, max_skipped=opts.max_skipped_samples)
 
 
 def choose_memory(opts, step, model_old, device, logger):

@@ -86,11 +86,19 @@ class PseudoLabels(TargetBuilder):
             return
         o = self.opts
 
+        if o.pseudo_raw_labels:  # the unmapped masks as well: only raw background pixels count
+            from dataset import SkipAwareLoader, with_raw_labels
+
+            loader = SkipAwareLoader(with_raw_labels(loader.dataset), batch_size=loader.batch_size,
+                                     sampler=loader.sampler, num_workers=loader.num_workers,
+                                     drop_last=loader.drop_last)
+
         def compute():
             return pseudo_utils.find_thresholds(
                 trainer.model_old, loader, trainer.device, mode=self.name, nb_old_classes=self.nb_old,
                 nb_current_classes=self.nb_current, nb_bins=o.pseudo_nb_bins, legacy=o.pseudo_median_legacy,
-                threshold=o.threshold, step=self.step, step_threshold=o.step_threshold, logger=logger)
+                threshold=o.threshold, step=self.step, step_threshold=o.step_threshold, logger=logger,
+                raw_labels=o.pseudo_raw_labels)
 
         if trainer.threshold_cache_dir is None:
             found = compute()
@@ -103,7 +111,7 @@ class PseudoLabels(TargetBuilder):
                 dataset_len=len(loader.dataset),
                 extra={"crop_size": o.crop_size, "seed": o.random_seed, "overlap": o.overlap,
                        "data_masking": o.data_masking, "world_size": dist_utils.get_world_size(),
-                       "batch_size": o.batch_size})
+                       "batch_size": o.batch_size, "raw_labels": o.pseudo_raw_labels})
             found = pseudo_utils.ThresholdCache(trainer.threshold_cache_dir).get_or_compute(
                 key, compute, device=trainer.device)
         self.thresholds, self.max_entropy = found.thresholds, found.max_entropy
@@ -158,8 +166,11 @@ class PLOP(Component):
         g.add_argument("--classif_adaptive_min_factor", type=float, default=0.0,
                        help="lower bound of the adaptive factor")
         g.add_argument("--pseudo_median_legacy", action="store_true", default=False,
-                       help="per-rank 'median' thresholds with the published running-sum bug (adds the "
-                            "bin index) instead of the true median over all ranks")
+                       help="thresholds as the SATS repository computes them: its median loop (adds the bin "
+                            "index), float32 histograms per process, inf replaced by 0.005")
+        g.add_argument("--pseudo_raw_labels", action="store_true", default=False,
+                       help="threshold histograms on the unmapped masks, only raw background pixels (SATS "
+                            "repository); default: every pixel mapped to 0 (PLOP)")
         g.add_argument("--pod", type=str, default=None, choices=["spatial", "local", "global"],
                        help="POD feature distillation: spatial, local (PLOP) or global pooling")
         g.add_argument("--pod_factor", type=float, default=5.0, help="POD weight")
