@@ -10,6 +10,15 @@ median and spread (inter-quartile range) of the step time, the ratio to FT's med
 memory (CUDA max allocated; on CPU the peak RSS increase over the process's state before training)
 and the share of the step spent in each loss term (forward + backward of the term on detached
 inputs, measured separately after the timed steps). Also the evaluation throughput (FT model).
+Under ``--opt_level O1`` on CUDA the trainer has its GradScaler, as in ``run.py``.
+
+    python scripts/benchmark.py --data [--data_workers 0 1 2] [--feed_images_per_s 60]
+
+measures the training data pipeline alone instead (``dataset/loader_benchmark.py``): generated
+VOC-sized JPEGs (``--data_image_size 500 375``, ``--data_images 64``) read by the project's dataset
+class with its train transform (random resized crop to ``--crop_size``, 512 by default here, flip,
+normalise): decode and transform time per image, images/s per DataLoader worker, loader passes
+with each worker count, and with ``--feed_images_per_s`` the workers that keep such a step fed.
 """
 from __future__ import annotations
 
@@ -34,7 +43,7 @@ DEFAULT_METHODS = ["FT", "LWF", "ILT", "EWC", "MiB", "PLOP", "SSUL", "SATS"]
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="segformer_b0")
-    p.add_argument("--crop_size", type=int, default=256)
+    p.add_argument("--crop_size", type=int, default=None, help="crop side (default 256; 512 with --data)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     p.add_argument("--steps", type=int, default=10, help="timed training steps per method")
@@ -44,9 +53,22 @@ def get_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--task", default="15-5")
     p.add_argument("--json", default=None, help="write the results as JSON to this path")
+    d = p.add_argument_group("data pipeline (--data)")
+    d.add_argument("--data", action="store_true",
+                   help="measure the training data pipeline alone (decode + train transform) instead")
+    d.add_argument("--data_images", type=int, default=64, help="generated JPEGs")
+    d.add_argument("--data_image_size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"),
+                   help="their size (VOC's typical 500 x 375)")
+    d.add_argument("--data_workers", type=int, nargs="+", default=(0, 1, 2),
+                   help="DataLoader worker counts to time (0: in the main process)")
+    d.add_argument("--feed_images_per_s", type=float, default=None,
+                   help="a training step's images/s: report the workers that keep it fed")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--eval_only", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.crop_size is None:
+        args.crop_size = 512 if args.data else 256
+    return args
 
 
 def _cuda():
@@ -103,7 +125,12 @@ def build_step1(args, method, device):
     trainer_state = None
     if opts.regularizer:
         trainer_state = {"regularizer": _step0_regularizer_state(opts, old, device)}
-    trainer = Trainer(model, old, device, opts, trainer_state=trainer_state, classes=classes, step=1)
+    from train import amp_settings
+
+    _, use_scaler = amp_settings(opts.opt_level, device)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None  # as run.py makes it
+    trainer = Trainer(model, old, device, opts, trainer_state=trainer_state, classes=classes, step=1,
+                      scaler=scaler)
     if trainer.recipe.init_classifier is not None:
         trainer.recipe.init_classifier(model, None)
     import methods
@@ -257,10 +284,35 @@ def run_method(args, method):
     raise RuntimeError(f"benchmark of {method} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
 
 
+def data_pipeline(args):
+    """``--data``: the loader benchmark (``dataset/loader_benchmark.py``); prints and returns it."""
+    from dataset.loader_benchmark import LoaderBenchmark, format_report, run_loader_benchmark
+
+    width, height = args.data_image_size
+    settings = LoaderBenchmark(images=args.data_images, width=width, height=height,
+                               crop_size=args.crop_size, batch_size=args.batch_size,
+                               workers=tuple(args.data_workers),
+                               feed_images_per_s=args.feed_images_per_s)
+    report = {"data": run_loader_benchmark(settings)}
+    print(format_report(report["data"]))
+    return report
+
+
+def write_json(path, report):
+    from utils.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.worker:
         return run_worker(args)
+    if args.data:
+        report = data_pipeline(args)
+        if args.json:
+            write_json(args.json, report)
+        return report
     methods = list(dict.fromkeys(["FT"] + list(args.methods)))  # FT first: it is the reference
     results = {}
     for m in methods:
@@ -280,11 +332,7 @@ def main(argv=None):
     }
     print_table(report)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, report)
     return report
 
 

@@ -1,8 +1,11 @@
 """Plumbing of scripts/benchmark.py on a tiny setting (no timing assertions)."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,3 +35,44 @@ def test_benchmark_reports_every_method_with_ft_as_reference(tmp_path):
     assert set(sats["loss_share"]) == {"kd", "sats"}
     assert all(0 < v < 1 for v in sats["loss_share"].values())
     assert "SATS" in done.stdout and "x FT" in done.stdout
+
+
+def test_data_pipeline_benchmark_reports_per_worker_throughput(tmp_path):
+    out = tmp_path / "data.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--data", "--data_images", "6",
+           "--data_image_size", "80", "60", "--crop_size", "32", "--batch_size", "2",
+           "--data_workers", "0", "1", "--feed_images_per_s", "1000", "--json", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["data.json"]  # no temporary file left
+    report = json.loads(out.read_text())["data"]
+
+    assert report["settings"] == {"images": 6, "width": 80, "height": 60, "crop_size": 32,
+                                  "batch_size": 2, "workers": [0, 1], "quality": 90, "seed": 0,
+                                  "feed_images_per_s": 1000.0}
+    ms = report["per_image_ms"]
+    assert ms["decode"] > 0 and ms["transform"] > 0
+    assert abs(ms["decode"] + ms["transform"] - ms["total"]) < 1e-9
+    assert abs(report["per_worker_images_per_s"] - 1000 / ms["total"]) < 1e-9
+    assert [row["workers"] for row in report["loaders"]] == [0, 1]
+    for row in report["loaders"]:
+        # the project's train transform ran: normalised 3 x 32 x 32 crops, 32 x 32 labels
+        assert row["images"] == 6 and row["image_shape"] == [3, 32, 32]
+        assert row["label_shape"] == [32, 32]
+        assert abs(row["images_per_s"] - 6 / row["seconds"]) < 1e-6
+        assert row["images_per_s_per_worker"] == row["images_per_s"] / max(row["workers"], 1)
+    workers = report["feed"]["workers_needed"]
+    assert workers == math.ceil(1000 / report["per_worker_images_per_s"])
+    assert (workers - 1) * report["per_worker_images_per_s"] < 1000 <= workers * report["per_worker_images_per_s"]
+    assert "images/s per worker" in done.stdout and f"{workers} workers" in done.stdout
+
+
+def test_data_pipeline_settings_are_checked():
+    from dataset.loader_benchmark import LoaderBenchmark
+
+    with pytest.raises(ValueError, match="--data_images"):
+        LoaderBenchmark(images=2, batch_size=4).check()
+    with pytest.raises(ValueError, match="--data_workers"):
+        LoaderBenchmark(workers=(0, -1)).check()
+    with pytest.raises(ValueError, match="--feed_images_per_s"):
+        LoaderBenchmark(feed_images_per_s=0.0).check()
