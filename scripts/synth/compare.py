@@ -50,7 +50,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: the repository's modules 
 import numpy as np  # noqa: E402
 
 import tasks  # noqa: E402
-import methods  # noqa: E402
+import methods as registry  # noqa: E402
 from argparser import canonical_method  # noqa: E402
 from tasks import canonical_task  # noqa: E402
 from metrics import summarize_step, summary_labels  # noqa: E402
@@ -116,12 +116,12 @@ class Run:
 # ----------------------------------------------------------------------------------- naming
 def method_label(method: str) -> str:
     """Canonical spelling of a method, techniques and ``-M`` kept: ``"mib+ewf-m"`` -> ``"MiB+EWF-M"``."""
-    return methods.parse(method).label
+    return registry.parse(method).label
 
 
 def step0_family(method: str) -> str:
     """The step-0 model a method shares (the registry's): ``"ce"`` for FT/LWF/ILT/MiB/PLOP/SATS."""
-    return methods.step0_family(method)
+    return registry.step0_family(method)
 
 
 def step0_name(family: str, seed: int) -> str:
@@ -213,7 +213,7 @@ def plan_runs(methods, task_names, seeds, settings: Settings, workdir, data_root
                 name = step0_name(family, seed)
                 if step0_done(workdir, task, name):
                     continue
-                step0_method = methods.step0_method(family)
+                step0_method = registry.step0_method(family)
                 argv = [python, script, *common, "--name", name, "--method", step0_method,
                         "--step", "0", "--lr", _number(settings.lr0), "--epochs", str(settings.epochs0)]
                 if family == "ssul":
