@@ -296,6 +296,8 @@ class StepRun:
     previous_checkpoint: str = None  # the file the previous step's weights were read from
     checkpoint: str = None  # this step's checkpoint file
     resumed: bool = False
+    resumed_state: dict = None  # {component name: state} of the checkpoint resumed with --ckpt
+    recipe: object = None
 
 
 def train_step(opts, step, model, model_old, trainer_state, classes, device, rank, world, logger,
@@ -305,6 +307,9 @@ def train_step(opts, step, model, model_old, trainer_state, classes, device, ran
                   train_loader=train_loader, checkpoint=checkpoint_path(opts, step),
                   previous_checkpoint=previous_checkpoint_path(opts, step) if step > 0 else None)
     recipe = methods.build_recipe(opts, step, classes)
+    run.recipe = recipe
+    if opts.ckpt is not None and os.path.isfile(opts.ckpt):  # hooks may need to know what was done already
+        run.resumed_state = dict(load_checkpoint(opts.ckpt).get("methods") or {})
     if step > 0 and recipe.init_classifier is not None:
         recipe.init_classifier(model, logger)
     if opts.fix_bn:
@@ -358,15 +363,13 @@ def train_step(opts, step, model, model_old, trainer_state, classes, device, ran
             for k, v in val_losses.items():
                 logger.add_scalar(f"Val/{k}", v, epoch)
             log_samples(opts, logger, unwrapped, model_old, val_loader.dataset, trainer, device, epoch)
-            save_checkpoint(ckpt_file, opts, step, epoch, unwrapped, optimizer, scheduler, scaler, trainer,
-                            best_score, classes, rank)
+            save_checkpoint(run, epoch, optimizer, scheduler, scaler, best_score)
         if opts.stop_after_epochs and epoch + 1 - begin_epoch >= opts.stop_after_epochs and not last:
             dist_utils.barrier()
             logger.info(f"--stop_after_epochs {opts.stop_after_epochs}: stopping; resume with --ckpt {ckpt_file}")
             sys.exit(0)
     if begin_epoch >= opts.epochs and not os.path.isfile(ckpt_file) and rank == 0:
-        save_checkpoint(ckpt_file, opts, step, opts.epochs - 1, unwrapped, optimizer, scheduler, scaler,
-                        trainer, best_score, classes, rank)
+        save_checkpoint(run, opts.epochs - 1, optimizer, scheduler, scaler, best_score)
     dist_utils.barrier()  # the other ranks read the file rank 0 just wrote
     for component in recipe.components:
         component.after_step(run, methods.step_info(opts, step, classes))
@@ -389,26 +392,30 @@ def log_samples(opts, logger, model, model_old, val_dst, trainer, device, epoch)
         component.log_samples(run, model, model_old, val_dst, indices, epoch)
 
 
-def save_checkpoint(path, opts, step, epoch, model, optimizer, scheduler, scaler, trainer, best_score,
-                    classes, rank):
-    if rank != 0:
+def save_checkpoint(run, epoch, optimizer, scheduler, scaler, best_score):
+    """Rank 0 writes the step's checkpoint atomically: weights, optimiser, schedule, scaler, trainer
+    and method state, and the run's identity (dataset, task, class order, model)."""
+    if run.rank != 0:
         return
+    opts = run.opts
+    extra = {c.name: c.checkpoint_state(run) for c in run.recipe.components}
     state = {
         "epoch": epoch,
-        "model_state": model.state_dict(),
+        "model_state": run.model.state_dict(),
         "optimizer_state": optimizer.state_dict(),
         "scheduler_state": scheduler.state_dict(),
         "scaler_state": scaler.state_dict() if scaler is not None else None,
         "best_score": float(best_score),
-        "trainer_state": trainer.state_dict(),
-        "classes": list(classes),
-        "step": step,
+        "trainer_state": run.trainer.state_dict(),
+        "methods": {name: value for name, value in extra.items() if value is not None},
+        "classes": list(run.classes),
+        "step": run.step,
         "task": opts.task,
         "dataset": opts.dataset,
-        "identity": checkpoint_identity(opts, step),
+        "identity": checkpoint_identity(opts, run.step),
         "opts": options_to_dict(opts),
     }
-    save_atomic(state, path)
+    save_atomic(state, run.checkpoint)
 
 
 def resume(opts, path, model, optimizer, scheduler, scaler, trainer, classes, logger):

@@ -175,13 +175,17 @@ SWEEP_DEFAULTS = {"voc": {"epochs": 30, "lr0": 0.01, "lr": 0.001}, "ade": {"epoc
 
 def sweep_settings(text: str, dataset: str, task: str) -> dict:
     """The sweep scripts' values for a method on ``dataset``/``task``: the defaults, then the base
-    method's and each technique's own (the authors' scripts), the more specific key last.
+    method's and each technique's own (the authors' scripts), the more specific key last (keys:
+    ``dataset``, ``dataset:task``, and for a technique ``dataset+BASE``, ``dataset:task+BASE``).
     Returns ``{"epochs", "lr0", "lr", "args", "step0_args", "step0_family", "step0_method"}``."""
     parsed = parse(text)
     settings = dict(SWEEP_DEFAULTS[dataset], args=[], step0_args=[])
     for name in (parsed.base,) + parsed.techniques:
         sweep = get(name).sweep
-        for key in (dataset, f"{dataset}:{task}"):
+        keys = [dataset, f"{dataset}:{task}"]
+        if name != parsed.base:  # a technique's values may depend on the base: "voc+MiB", "ade:100-10+MiB"
+            keys += [f"{dataset}+{parsed.base}", f"{dataset}:{task}+{parsed.base}"]
+        for key in keys:
             for field_name, value in sweep.get(key, {}).items():
                 if field_name in ("args", "step0_args"):
                     settings[field_name] = settings[field_name] + list(value)

@@ -271,6 +271,12 @@ class Component:
     def log_samples(self, run, model, model_old, dataset, indices, epoch) -> None:
         """Extra TensorBoard images at validation time."""
 
+    # ---- checkpoint state
+    def checkpoint_state(self, run) -> Optional[dict]:
+        """Extra state saved in the step's checkpoint under ``ckpt["methods"][self.name]``, or None.
+        A resumed step finds it in ``run.resumed_state`` (``{component name: state}``)."""
+        return None
+
 
 @dataclass(frozen=True)
 class MethodSpec:
