@@ -34,6 +34,9 @@
 #   RESUME=0          1: a step whose checkpoint exists is resumed / re-tested (--ckpt) and the
 #                     results file is kept
 #   EXTRA_ARGS        extra run.py options for every command (arguments of the script are added too)
+#   PRETRAINED        --pretrained of every command: a file, hf:OWNER/REPO[@REV] or torchvision[:WEIGHTS]
+#   ORDERS            several tasks in turn, e.g. ORDERS="15-5s_b 15-5s_c 15-5s_d" (PLOP's shuffled
+#                     15-1 orders), then one mean ± std summary over them
 #   DRY_RUN=1         print the commands instead of running them
 #   PYTHON (default: .venv/bin/python if present, else python), TORCHRUN=torchrun,
 #   START_DATE (default: today)
@@ -127,6 +130,7 @@ _common_args() {
         --overlap --model "$MODEL" --batch_size "$BATCH_SIZE" --opt_level "$OPT_LEVEL"
         --checkpoint "$CHECKPOINT_DIR")
     if [[ $CROP_VAL == 1 ]]; then COMMON+=(--crop_val); fi
+    if [[ -n ${PRETRAINED:-} ]]; then COMMON+=(--pretrained "$PRETRAINED"); fi
 }
 
 _train_shared_step0() {
@@ -169,8 +173,7 @@ _train_step() {
     _run_torch "${args[@]}" "${EXTRA[@]}" "$@"
 }
 
-run_sweep() {
-    local start=$SECONDS
+_sweep_one_task() {
     _configure
     cd "$REPO_ROOT"
     _common_args
@@ -186,10 +189,22 @@ run_sweep() {
     for ((step = 1; step < NUM_STEPS; step++)); do
         _train_step "$step" "$@"
     done
+    SWEEP_RESULTS+=("$RESULTS_FILE")
+}
+
+run_sweep() {
+    local start=$SECONDS task
+    local orders=(${ORDERS:-$TASK})
+    SWEEP_RESULTS=()
+    for task in "${orders[@]}"; do
+        TASK=$task
+        _sweep_one_task "$@"
+    done
+    local summary=("$PYTHON" average_csv.py "${SWEEP_RESULTS[@]}" --dataset "$DATASET" --task "${orders[0]}")
     if [[ $DRY_RUN == 1 ]]; then
-        echo "$PYTHON average_csv.py $RESULTS_FILE --dataset $DATASET --task $TASK"
+        echo "${summary[*]}"
     else
-        "$PYTHON" average_csv.py "$RESULTS_FILE" --dataset "$DATASET" --task "$TASK"
-        echo "${METHOD} on ${DATASET} ${TASK} done in $((SECONDS - start)) s" >&2
+        "${summary[@]}"
+        echo "${METHOD} on ${DATASET} ${orders[*]} done in $((SECONDS - start)) s" >&2
     fi
 }
