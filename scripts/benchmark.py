@@ -105,12 +105,11 @@ def synthetic_batches(n, opts, n_seen, device, seed=0):
     return batches
 
 
-def build_step1(args, method, device):
-    import torch
-
+def build_models(args, method, device):
+    """``(opts, model, old, classes)``: the options of ``method`` at step 1, the frozen step-0
+    model and the step-1 model holding its weights where the shapes match (random weights)."""
     import tasks
     from segmentation_module import make_model
-    from train import Trainer
 
     opts = method_options(args, method)
     opts.world_size = 1
@@ -122,10 +121,23 @@ def build_step1(args, method, device):
     old.eval()
     for p in old.parameters():
         p.requires_grad_(False)
-    trainer_state = None
-    if opts.regularizer:
-        trainer_state = {"regularizer": _step0_regularizer_state(opts, old, device)}
-    from train import amp_settings
+    return opts, model, old, classes
+
+
+def trainer_state_for(opts, old, device):
+    """What step 0 would hand the trainer (a regularizer's importance), or None."""
+    if not opts.regularizer:
+        return None
+    return {"regularizer": _step0_regularizer_state(opts, old, device)}
+
+
+def build_trainer(opts, model, old, device, classes, trainer_state=None):
+    """``(trainer, optim)`` as ``run.py`` builds them for step 1 (GradScaler under O1 on CUDA,
+    the method's classifier initialisation, its parameter groups)."""
+    import torch
+
+    import methods
+    from train import Trainer, amp_settings
 
     _, use_scaler = amp_settings(opts.opt_level, device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None  # as run.py makes it
@@ -133,10 +145,26 @@ def build_step1(args, method, device):
                       scaler=scaler)
     if trainer.recipe.init_classifier is not None:
         trainer.recipe.init_classifier(model, None)
-    import methods
-
     optim = torch.optim.SGD(methods.param_groups(model, opts, 1), lr=1e-3, momentum=0.9, nesterov=True)
+    return trainer, optim
+
+
+def build_step1(args, method, device):
+    opts, model, old, classes = build_models(args, method, device)
+    trainer, optim = build_trainer(opts, model, old, device, classes, trainer_state_for(opts, old, device))
     return opts, model, old, trainer, optim
+
+
+def prepare_targets(trainer, batches, opts):
+    """The target builder's once-per-step preparation (pseudo-label thresholds) on two batches."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if trainer.recipe.targets is None:
+        return
+    images = torch.cat([b[0] for b in batches[:2]]).cpu()
+    labels = torch.cat([b[1] for b in batches[:2]]).cpu()
+    trainer.before(DataLoader(TensorDataset(images, labels), batch_size=opts.batch_size))
 
 
 def _step0_regularizer_state(opts, old, device):
@@ -218,13 +246,7 @@ def run_worker(args):
     opts, model, old, trainer, optim = build_step1(args, args.worker, device)
     n_seen = trainer.nb_current
     batches = synthetic_batches(args.warmup + args.steps, opts, n_seen, device)
-    if trainer.recipe.targets is not None:
-        from torch.utils.data import DataLoader, TensorDataset
-
-        images = torch.cat([b[0] for b in batches[:2]]).cpu()
-        labels = torch.cat([b[1] for b in batches[:2]]).cpu()
-        loader = DataLoader(TensorDataset(images, labels), batch_size=opts.batch_size)
-        trainer.before(loader)  # thresholds from the old model (not timed)
+    prepare_targets(trainer, batches, opts)  # not timed
     trainer.keep_context = True
     model.train()
     times = []
@@ -273,11 +295,15 @@ def eval_throughput(model, batches, device, opts):
 # ---------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------
-def run_method(args, method):
+SETTINGS = ("model", "crop_size", "batch_size", "steps", "warmup", "opt_level", "device", "threads", "task")
+
+
+def run_method(args, method, timeout=None):
+    """One method's results, measured in a fresh process (``timeout`` seconds at most)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method]
-    for key in ("model", "crop_size", "batch_size", "steps", "warmup", "opt_level", "device", "threads", "task"):
+    for key in SETTINGS:
         cmd += [f"--{key}", str(getattr(args, key))]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     for line in out.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
             return json.loads(line[len("BENCH_JSON "):])
@@ -308,31 +334,52 @@ def main(argv=None):
     args = get_args(argv)
     if args.worker:
         return run_worker(args)
-    if args.data:
-        report = data_pipeline(args)
-        if args.json:
-            write_json(args.json, report)
-        return report
-    methods = list(dict.fromkeys(["FT"] + list(args.methods)))  # FT first: it is the reference
-    results = {}
+    report = data_pipeline(args) if args.data else benchmark_methods(args)
+    if not args.data:
+        print_table(report)
+    if args.json:
+        write_json(args.json, report)
+    for method, error in report.get("failed", {}).items():
+        print(f"[benchmark] {method} failed:\n{error}", file=sys.stderr)
+    if report.get("failed"):
+        raise SystemExit(1)
+    return report
+
+
+def benchmark_methods(args, deadline=None):
+    """The report: FT first (the reference of ``ratio_to_ft``), then ``args.methods``. With
+    ``deadline`` (a ``time.monotonic()`` value) the methods not started before it, or still
+    running at it, are listed under ``"skipped"`` instead; a method whose worker fails is listed
+    under ``"failed"`` with the end of its output, and the others still run."""
+    methods = list(dict.fromkeys(["FT"] + list(args.methods)))
+    results, skipped, failed = {}, [], {}
     for m in methods:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            skipped.append(m)
+            continue
         print(f"[benchmark] {m} ...", flush=True)
-        results[m] = run_method(args, m)
-    ft = results["FT"]["step_s_median"]
+        try:
+            results[m] = run_method(args, m, timeout=left)
+        except subprocess.TimeoutExpired:
+            skipped.append(m)
+        except RuntimeError as error:  # the worker failed: its output tail, and the others go on
+            failed[m] = str(error)
+    ft = results.get("FT", {}).get("step_s_median")
     for r in results.values():
-        r["ratio_to_ft"] = r["step_s_median"] / ft
-    eval_ips = results["FT"].pop("eval_images_per_s", None)
+        r["ratio_to_ft"] = r["step_s_median"] / ft if ft else None
+    eval_ips = results["FT"].pop("eval_images_per_s", None) if "FT" in results else None
     for r in results.values():
         r.pop("eval_images_per_s", None)
     report = {
-        "methods": {m: results[m] for m in methods if m in args.methods or m == "FT"},
+        "methods": {m: results[m] for m in methods if m in results and (m in args.methods or m == "FT")},
         "eval_images_per_s": eval_ips,
-        "settings": {k: getattr(args, k) for k in ("model", "crop_size", "batch_size", "steps", "warmup",
-                                                   "opt_level", "device", "threads", "task")},
+        "settings": {k: getattr(args, k) for k in SETTINGS},
     }
-    print_table(report)
-    if args.json:
-        write_json(args.json, report)
+    if skipped:
+        report["skipped"] = skipped
+    if failed:
+        report["failed"] = failed
     return report
 
 
@@ -345,10 +392,15 @@ def print_table(report):
     print("-" * len(header))
     for m, r in report["methods"].items():
         shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["loss_share"].items()) or "-"
-        print(f"{m:<8} {r['step_s_median']:>8.3f} {r['step_s_spread']:>7.3f} {r['ratio_to_ft']:>6.2f} "
+        ratio = f"{r['ratio_to_ft']:>6.2f}" if r["ratio_to_ft"] is not None else f"{'-':>6}"
+        print(f"{m:<8} {r['step_s_median']:>8.3f} {r['step_s_spread']:>7.3f} {ratio} "
               f"{r['images_per_s']:>7.2f} {r['peak_mem_mb']:>8.0f}  {shares}")
     if report.get("eval_images_per_s"):
         print(f"evaluation: {report['eval_images_per_s']:.1f} images/s")
+    if report.get("skipped"):
+        print(f"skipped (out of time): {', '.join(report['skipped'])}")
+    if report.get("failed"):
+        print(f"failed: {', '.join(report['failed'])}")
 
 
 if __name__ == "__main__":

@@ -19,3 +19,8 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+def pytest_configure(config):
+    # tests/test_cuda.py: run with `pytest -m cuda tests` on a GPU machine (skipped without CUDA)
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped when torch sees none")
