@@ -166,7 +166,8 @@ class DKD(Component):
             return
         for applies, option, reason in _refusals(opts):
             if applies:
-                raise ValueError(f"{option} cannot be combined with DKD: {reason}; remove {option}")
+                raise ValueError(f"{option} cannot be combined with DKD: {reason}; remove {option} "
+                                 f"(presets of other methods set some of these: use --method DKD)")
         if any(w < 0 for w in opts.dkd_weights):
             raise ValueError(f"--dkd_weights must be >= 0, got {opts.dkd_weights}")
         if opts.dkd_weights[0] == 0 and opts.dkd_weights[4] == 0:
