@@ -51,11 +51,11 @@ def _model_name(text):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except for ``--no_*`` switches and help texts that state their own; 110
+    """Shows defaults, except for ``--no_*`` switches and help texts that state their own; 130
     columns so that an option and its help share a line."""
 
     def __init__(self, prog):
-        super().__init__(prog, max_help_position=36, width=120)
+        super().__init__(prog, max_help_position=36, width=130)
 
     def _get_help_string(self, action):
         if action.const is False or "default" in (action.help or "") or action.default in (None, False):
@@ -83,18 +83,14 @@ class _LegacyHelp(argparse.Action):
 # ---------------------------------------------------------------------------------------------
 # The parser
 # ---------------------------------------------------------------------------------------------
-def _task_help():
-    return ("task (class split), e.g. VOC 15-5, 15-1 (= 15-5s), 10-1, 19-1, 15-5s_b..w (PLOP's shuffled "
-            "orders); ADE 100-50, 100-10, 100-5, 50 (= 50-50); generic 'B-I' and 'B-Is'. "
-            "the README lists every table")
-
-
 def _add_data_options(parser):
     g = parser.add_argument_group("Data")
     g.add_argument("--data_root", type=str, default="data", help="dataset root folder")
     g.add_argument("--dataset", type=str, default="voc", choices=sorted(NUM_CLASSES),
                    help="dataset: Pascal-VOC 2012 (21 classes) or ADE20K (151 classes, 0 scored)")
-    g.add_argument("--task", type=str, default="19-1", help=_task_help())
+    g.add_argument("--task", type=str, default="19-1", help="task (class split), e.g. VOC 15-5, 15-1, 10-1, 19-1, "
+                                                            "15-5s_b..w; ADE 100-50, 100-10, 50; generic B-I, B-Is "
+                                                            "(README: Tasks)")
     g.add_argument("--step", type=int, nargs="+", default=[0],
                    help="incremental step(s) to run, in increasing order; several steps run one "
                         "after the other in one invocation")
@@ -105,8 +101,7 @@ def _add_data_options(parser):
                    help="do not relabel old classes as background in the training set")
     g.add_argument("--data_masking", type=str, default="current",
                    choices=["current", "current+old", "all", "new"],
-                   help="which classes keep their label in the training set: the current step's "
-                        "(others -> background), current and old, all, or only new")
+                   help="which classes keep their label in training: the current step's, current+old, all, new")
     g.add_argument("--idxs_dir", type=str, default="data",
                    help="where the per-step index caches go: "
                         "{idxs_dir}/{dataset}/{task}[-ov]/{train,val,test_on_val}-{step}.npy")
@@ -127,22 +122,17 @@ def _add_data_options(parser):
 def _add_model_options(parser):
     g = parser.add_argument_group("Model")
     g.add_argument("--model", type=_model_name, default="segformer_b2", choices=MODELS,
-                   help="network: DeepLabV3 (ResNet, see --backbone) or SegFormer with a MiT-B0..B5 "
-                        "encoder ('segformer' = segformer_b2, the SATS paper's model)")
+                   help="DeepLabV3 (ResNet, --backbone) or SegFormer MiT-B0..B5 ('segformer' = b2, the SATS paper's)")
     g.add_argument("--segformer_head", type=str, default="sats", choices=["sats", "mlp"],
-                   help="SegFormer decoder: 'sats' = the SATS repo's head (1x1 conv per stage to "
-                        "256 channels, nearest upsampling, concat, 1x1 conv); 'mlp' = the official "
-                        "all-MLP decoder")
+                   help="SegFormer decoder: the SATS repository's head, or the official all-MLP one")
     g.add_argument("--backbone", type=str, default="resnet101", choices=["resnet50", "resnet101"],
                    help="DeepLab only: ResNet depth")
     g.add_argument("--output_stride", type=int, default=16, choices=[8, 16],
                    help="DeepLab only: output stride of the ResNet body")
     g.add_argument("--norm_act", type=str, default="iabn_sync",
                    choices=["iabn_sync", "iabn", "abn", "std", "iabn_sync_test"],
-                   help="DeepLab only: normalisation+activation. iabn_sync/iabn/abn: BatchNorm "
-                        "(synchronised across GPUs for iabn_sync) + LeakyReLU(0.01), with the "
-                        "in-place variants' abs(weight)+eps scaling; std: plain BatchNorm. Also "
-                        "names the ImageNet file pretrained/{backbone}_{norm_act}.pth.tar")
+                   help="DeepLab: BatchNorm + LeakyReLU(0.01) with inplace-abn's abs(weight)+eps scaling (iabn_sync: "
+                        "synchronised over processes), or std BatchNorm+ReLU")
     g.add_argument("--pretrained", type=str, default=None, metavar="SOURCE", help="ImageNet weights: a file (default "
                    "{code_directory}/pretrained/<model file>), hf:OWNER/REPO[@REV] or torchvision[:WEIGHTS] (cached)")
     g.add_argument("--no_pretrained", action="store_true", default=False,
@@ -176,9 +166,9 @@ def _add_training_options(parser):
                    help="SGD (Nesterov) momentum (the originals hard-coded 0.9)")
     g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay of every group")
     g.add_argument("--lr_policy", type=str, default="poly", choices=["poly", "step", "warm_poly"],
-                   help="poly: lr*(1-i/max_iter)^lr_power per iteration; step: StepLR with --lr_decay_step "
-                        "and --lr_decay_factor; warm_poly: poly times a linear warm-up from 0.001x over the "
-                        "first 10%% of the step's iterations (clovaai/SSUL's ADE schedule)")
+                   help="poly: lr*(1-i/max_iter)^lr_power per iteration; step: StepLR; warm_poly: poly after a "
+                        "linear warm-up from 0.001x (SSUL's ADE schedule)")
+    g.add_argument("--lr_warmup", type=float, default=0.1, help="warm_poly: warm-up fraction of the step")
     g.add_argument("--lr_body0", type=float, default=None,
                    help="step 0 only: learning rate of the body (default: --lr; the SSUL preset sets "
                         "clovaai/SSUL's 0.001)")
@@ -218,7 +208,8 @@ def _add_validation_options(parser):
     g.add_argument("--checkpoint", type=str, default="checkpoints/step",
                    help="checkpoint folder: {checkpoint}/{task}-{dataset}_{name}_{step}.pth")
     g.add_argument("--max_skipped_samples", type=int, default=10,
-                   help="unreadable files per split left out (counted, reported, never replaced) before the run stops")
+                   help="unreadable files per split left out (counted, reported, never replaced) before the run "
+                        "stops")
     g.add_argument("--allow_checkpoint_mismatch", action="store_true", default=False,
                    help="accept a checkpoint whose recorded dataset, class order or model differs (logged)")
     add_switch(g, "strict_weights",
@@ -372,6 +363,8 @@ def _check_training_numbers(opts):
     if opts.model.startswith("segformer") and opts.crop_size < 32:
         raise UsageError(f"--crop_size {opts.crop_size} is too small for {opts.model}: its encoder downsamples "
                          f"by 32, so crops need at least 32 pixels")
+    if not 0 <= opts.lr_warmup <= 1:
+        raise UsageError(f"--lr_warmup is a fraction of the step's iterations in [0, 1], got {opts.lr_warmup}")
     for name in ("lr_head", "lr_body0", "lr_head0"):
         if getattr(opts, name) is not None and getattr(opts, name) <= 0:
             raise UsageError(f"--{name} must be > 0, got {getattr(opts, name)}")

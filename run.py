@@ -149,7 +149,8 @@ def checkpoint_identity(opts, step: int) -> dict:
     step up to ``step`` (the class order) and the model."""
     labels = [list(tasks.get_task_labels(opts.dataset, opts.task, s)) for s in range(step + 1)]
     model = opts.model if opts.model != "deeplab" else f"deeplab-{opts.backbone}"
-    return {"dataset": opts.dataset, "task": opts.task, "labels": labels, "model": model}
+    tags = [tag for c in methods.components() if (tag := c.model_tag(opts))]
+    return {"dataset": opts.dataset, "task": opts.task, "labels": labels, "model": "+".join([model] + tags)}
 
 
 def check_checkpoint_identity(ckpt, opts, step, path, logger=None):

@@ -220,6 +220,11 @@ class Component:
         ``segmentation_module.make_model`` for the new and the old model), or None."""
         return None
 
+    def model_tag(self, opts) -> Optional[str]:
+        """A name added to the checkpoint's recorded model when this component changes the network
+        (so that its checkpoints are told apart from the default network's), or None."""
+        return None
+
     def label_space(self, opts, nb_old: int, nb_current: int) -> tuple[int, int]:
         """``(nb_old, nb_current)`` in the label space the criterion sees."""
         return nb_old, nb_current

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import argparser
+from methods.dkd import AuxiliaryClassifierTerm, DecomposedKD, SigmoidKD
 from methods.ilt import FeatureDistillation
 from methods.lwf import OutputDistillation
 from methods.lwf_mc import IcarlDistillation
@@ -80,13 +81,18 @@ EXPECTED_RECIPES = {
     "SATS": (summary("ce"),
              summary("ce", {"kd": 20.0, "sats": 20.0}, pseudo="entropy", init="balanced")),
 }
+EXPECTED_RECIPES["DKD"] = (summary("mbce_ac"),
+                           summary("mbce", {"dkd_kd": 5.0, "dkd_pos": 5.0, "dkd_neg": 5.0, "dkd_ac": 1.0}, init="aux"))
+EXPECTED_RECIPES["DKD-M"] = EXPECTED_RECIPES["DKD"]
 EXPECTED_RECIPES["SATS-M"] = EXPECTED_RECIPES["SATS"]
 EXPECTED_RECIPES["SSUL-M"] = EXPECTED_RECIPES["SSUL"]
 
 TERM_CLASSES = {"kd": OutputDistillation, "de": FeatureDistillation, "icarl": IcarlDistillation,
-                "pod": PodDistillation, "sats": AttentionTransfer}
+                "pod": PodDistillation, "sats": AttentionTransfer, "dkd_kd": SigmoidKD, "dkd_pos": DecomposedKD,
+                "dkd_neg": DecomposedKD, "dkd_ac": AuxiliaryClassifierTerm}
 TERM_INPUTS = {"kd": set(), "de": {"body"}, "icarl": set(),
-               "pod": {"attentions", "sem_logits_small"}, "sats": {"attn_maps"}}
+               "pod": {"attentions", "sem_logits_small"}, "sats": {"attn_maps"}, "dkd_kd": set(),
+               "dkd_pos": {"evidence_pos"}, "dkd_neg": {"evidence_neg"}, "dkd_ac": set()}
 
 
 def test_every_method_has_an_expected_recipe():

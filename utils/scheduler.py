@@ -102,7 +102,8 @@ def get_scheduler(opts, optimizer, max_iters):
     if policy == "poly":
         return PolyLR(optimizer, max_iters, power=opts.lr_power)
     if policy == "warm_poly":
-        return WarmupPolyLR(optimizer, max_iters, warmup_iters=int(WARMUP_FRACTION * max_iters),
+        fraction = getattr(opts, "lr_warmup", None) or WARMUP_FRACTION
+        return WarmupPolyLR(optimizer, max_iters, warmup_iters=int(fraction * max_iters),
                             warmup_factor=WARMUP_START_FACTOR, power=opts.lr_power)
     if policy == "step":
         return StepLR(optimizer, step_size=opts.lr_decay_step, gamma=opts.lr_decay_factor)
