@@ -287,5 +287,6 @@ register_method(MethodSpec(
     # the authors' scripts: VOC 60 epochs at lr 1e-3 then 1e-4; ADE 100 epochs at 2.5e-3 then 2.5e-4
     # with a warm-up + poly schedule
     sweep={"voc": {"epochs": 60, "lr0": 0.001, "lr": 0.0001},
-           "ade": {"epochs": 100, "lr0": 0.0025, "lr": 0.00025, "args": ["--lr_policy", "warm_poly"],
-                   "step0_args": ["--lr_policy", "warm_poly"]}}))
+           "ade": {"epochs": 100, "lr0": 0.0025, "lr": 0.00025,
+                   "args": ["--lr_policy", "warm_poly", "--lr_warmup", "0.2"],
+                   "step0_args": ["--lr_policy", "warm_poly", "--lr_warmup", "0.2"]}}))
