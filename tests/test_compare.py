@@ -191,7 +191,7 @@ def test_report_figure_plots_base_miou_per_step(tmp_path):
     assert lines["MiB"].get_ydata() == pytest.approx([70.0, 70.0])
     assert len(axes.collections) == 2  # one ± std band per method with two seeds
     colours = {compare._line_style(i)["color"] for i in range(len(compare.DEFAULT_METHODS))}
-    assert len(colours) == len(compare.DEFAULT_METHODS)  # 11 methods, 11 colours
+    assert len(colours) == len(compare.DEFAULT_METHODS)  # one colour per method
 
 
 def test_one_seed_has_no_spread_and_missing_results_are_named(tmp_path):

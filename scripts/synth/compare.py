@@ -1,6 +1,6 @@
 """Compare the continual-segmentation methods on the generated Pascal-VOC stand-in.
 
-    python scripts/synth/compare.py --quick                      (all 11 methods, 15-5, CPU minutes)
+    python scripts/synth/compare.py --quick                      (all 17 methods, 15-5, CPU minutes)
     python scripts/synth/compare.py --tasks 15-5 15-1 --seeds 3  (the full setting, several seeds)
     python scripts/synth/compare.py --methods FT MiB --dry_run   (print the run.py commands)
 
@@ -58,8 +58,10 @@ from utils.checkpoint import atomic_write  # noqa: E402
 from utils.results import read_results  # noqa: E402
 
 DATASET = "voc"
+KEYS = ("base", "new", "all", "hIoU")  # hIoU: harmonic mean of base (background included) and new
 DATE = "compare"  # run.py's --date: stable results names, so a later day resumes the same files
-DEFAULT_METHODS = ("FT", "LWF", "LWF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "SSUL", "SATS")
+DEFAULT_METHODS = ("FT", "LWF", "LWF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "SSUL", "SATS",
+                   "DKD", "DKD-M", "MiB+NeST", "SATS+NeST", "MiB+EWF", "SATS+EWF")
 DEFAULT_TASKS = ("15-5", "15-1")
 FIRST_SEED = 42
 LOG_TAIL_LINES = 40
@@ -71,6 +73,10 @@ _SAME_LR_AT_EVERY_STEP = {"SSUL"}
 # (NaN within a dozen iterations) from a scratch-trained step 0; 0.002 is stable. The MiB/PLOP
 # papers ran every method at 0.001 there.
 STEP_LR_CAP = {"LWF-MC": 0.002}
+# DKD trains its head and classifiers at 10x the body's rate (--lr_head 10 in its preset): its
+# rates are scaled so that head and classifiers learn at the others' rate, at every step (at the
+# unscaled 0.02 its step 0 diverges from scratch).
+LR_SCALE = {"DKD": 0.1}
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ class Settings:
 # The full setting: the default demo tree (1000 + 200 images of 128 px) at full resolution.
 FULL = Settings(model="segformer_b0", crop_size=128, batch_size=8, epochs0=12, epochs=6, lr0=0.02,
                 lr=0.005, num_train=1000, num_val=200, image_size=128)
-# --quick: timed to finish the 11 methods on 15-5 within 20 minutes on 2 CPU cores. lr0 0.02:
+# --quick: timed to finish the 11 original methods on 15-5 within 20 minutes on 2 CPU cores. lr0 0.02:
 # at 0.05 the summed-over-channels BCE of LWF-MC's step 0 diverges (NaN) from scratch; at 0.01
 # six epochs leave the CE step 0 near 30 % mIoU instead of 45 %.
 QUICK = Settings(model="segformer_b0", crop_size=64, batch_size=8, epochs0=6, epochs=3, lr0=0.02,
@@ -214,8 +220,9 @@ def plan_runs(methods, task_names, seeds, settings: Settings, workdir, data_root
                 if step0_done(workdir, task, name):
                     continue
                 step0_method = registry.step0_method(family)
+                lr0 = settings.lr0 * LR_SCALE.get(step0_method, 1.0)
                 argv = [python, script, *common, "--name", name, "--method", step0_method,
-                        "--step", "0", "--lr", _number(settings.lr0), "--epochs", str(settings.epochs0)]
+                        "--step", "0", "--lr", _number(lr0), "--epochs", str(settings.epochs0)]
                 if family == "ssul":
                     # SSUL freezes the network only from step 1 (clovaai/SSUL: `opts.freeze and
                     # curr_step > 0`); run.py's param_groups applies --freeze at step 0 as well.
@@ -244,7 +251,7 @@ def incremental_lr(method: str, settings: Settings) -> float:
     """Learning rate of ``method`` after step 0: ``--lr``, SSUL ``--lr0``, capped by STEP_LR_CAP."""
     name, _ = canonical_method(method)
     lr = settings.lr0 if name in _SAME_LR_AT_EVERY_STEP else settings.lr
-    return min(lr, STEP_LR_CAP.get(name, math.inf))
+    return min(lr * LR_SCALE.get(name, 1.0), STEP_LR_CAP.get(name, math.inf))
 
 
 def _number(value: float) -> str:
@@ -370,17 +377,17 @@ def step_summaries(csv_path: str, task: str, steps) -> dict:
         if step not in by_step:
             raise ValueError(f"{csv_path} has no row for step {step}")
         n_seen = sum(tasks.get_per_task_classes(DATASET, task, step))
-        out[step] = summarize_step(parse_class_iou(by_step[step]), n_base, n_seen)
+        out[step] = summarize_step(parse_class_iou(by_step[step]), n_base, n_seen, hiou=True)
     return out
 
 
 def collect(workdir, task: str, labels, seeds) -> dict:
-    """``{label: {step: {"base"|"new"|"all": [value per seed]}}}``: step 0 from the method's
+    """``{label: {step: {"base"|"new"|"all"|"hIoU": [value per seed]}}}``: step 0 from the method's
     step-0 family, later steps from the method's own file."""
     num_steps = tasks.get_num_steps(DATASET, task)
     table = {}
     for label in labels:
-        per_step = {step: {"base": [], "new": [], "all": []} for step in range(num_steps)}
+        per_step = {step: {key: [] for key in KEYS} for step in range(num_steps)}
         for seed in seeds:
             first = step_summaries(results_csv(workdir, task, step0_name(step0_family(label), seed)), task, [0])
             rest = step_summaries(results_csv(workdir, task, method_run_name(label, seed)), task,
@@ -427,7 +434,8 @@ def report_markdown(task: str, table: dict, seeds, settings: Settings, command: 
         f"# Method comparison: VOC {task} (overlapped) on the generated dataset", "",
         f"mIoU in %, {spread}. base = classes {base_name} (background included), new = classes "
         f"added after step 0, all = every class seen so far. Step 0 is shared by the methods of a "
-        f"step-0 family (FT/LWF/ILT/MiB/PLOP/SATS: cross-entropy; LWF-MC, EWC, RW, PI, SSUL: own).", "",
+        f"step-0 family (FT/LWF/ILT/MiB/PLOP/SATS and their +NeST/+EWF: cross-entropy; LWF-MC, EWC, RW, PI, "
+        f"SSUL, DKD: own). hIoU = harmonic mean of base and new.", "",
         f"Settings: model {settings.model} (from scratch), crop {settings.crop_size} px, batch "
         f"{settings.batch_size}, step 0: {settings.epochs0} epochs at lr {settings.lr0}, later steps: "
         f"{settings.epochs} epochs at lr {settings.lr} ({_lr_exceptions(table, settings)}); data "
@@ -436,16 +444,16 @@ def report_markdown(task: str, table: dict, seeds, settings: Settings, command: 
     if command:
         lines += ["", f"Command: `{command}`"]
     lines += ["", f"## All methods after the last step (step {last})", ""]
-    lines += _table(["method", base_name, new_name, "all"],
-                    [[label] + [format_cell(per_step[last][k]) for k in ("base", "new", "all")]
+    lines += _table(["method", base_name, new_name, "all", "hIoU"],
+                    [[label] + [format_cell(per_step[last][k]) for k in KEYS]
                      for label, per_step in table.items()])
     lines += ["", "## Per method, after each step", ""]
     for label, per_step in table.items():
         rows = []
         for step in range(num_steps):
             n_seen = sum(tasks.get_per_task_classes(DATASET, task, step))
-            rows.append([str(step), str(n_seen)] + [format_cell(per_step[step][k]) for k in ("base", "new", "all")])
-        lines += [f"### {label}", ""] + _table(["step", "classes seen", base_name, "new", "all"], rows) + [""]
+            rows.append([str(step), str(n_seen)] + [format_cell(per_step[step][k]) for k in KEYS])
+        lines += [f"### {label}", ""] + _table(["step", "classes seen", base_name, "new", "all", "hIoU"], rows) + [""]
     return "\n".join(lines)
 
 
@@ -482,7 +490,7 @@ def report_figure(task: str, table: dict, seeds):
 
 def _line_style(index: int) -> dict:
     """Colour and marker of the ``index``-th method: 20 distinct colours (tab20, dark shades
-    first), so the 11 methods never share one as they do in the 10-colour default cycle."""
+    first), so the 17 methods never share one as they do in the 10-colour default cycle."""
     from matplotlib import colormaps
 
     shade = (2 * index) % 20 + (2 * index) // 20 % 2
