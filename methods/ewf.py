@@ -98,8 +98,9 @@ class EWF(Component):
             check_resumable(o)
         if o.fix_pre_cls:
             frozen = ewf_utils.freeze_old_classifiers(model)
-            run.logger.info(f"--fix_pre_cls: {len(frozen)} tensors of the old classifiers cls.0-"
-                            f"{len(model.cls) - 2} frozen for this step")
+            last = len(model.cls) - 2
+            run.logger.info(f"--fix_pre_cls: the old classifiers (cls.0{f' to cls.{last}' if last else ''}, "
+                            f"{len(frozen)} tensors) are frozen for this step")
 
     def after_step(self, run, info: StepInfo) -> None:
         o = info.opts

@@ -98,12 +98,12 @@ class NeST(Component):
         if not o.nest or info.step == 0:
             return
         if not nest_utils.should_pretune(info.step, run.resumed_state):
-            self._records[run.checkpoint] = dict(run.resumed_state[self.name])
+            self._records[run.checkpoint] = dict(run.resumed_state.get(self.name) or {"done": True})
             run.logger.info(f"NeST: {o.ckpt} holds a classifier that was pre-tuned already; not pre-tuning again")
             return
         settings = nest_utils.NestSettings.from_options(o)
-        run.logger.info(f"NeST: {settings.epochs} pre-tuning epochs at lr {settings.tune_lr:g} "
-                        f"({settings.loss} loss)")
+        run.logger.info(f"NeST: pre-tuning for {settings.epochs} epoch{'s' if settings.epochs > 1 else ''} at lr "
+                        f"{settings.tune_lr:g} ({settings.loss} loss)")
         outcome = nest_utils.run_nest(settings, model, run.model_old, run.train_loader, run.device,
                                       logger=run.logger)
         self._records[run.checkpoint] = outcome.record
