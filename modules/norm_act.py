@@ -145,7 +145,8 @@ class ABN(nn.BatchNorm2d):
 class SyncABN(ABN):
     """:class:`ABN` whose training statistics are those of the batch of all processes (InPlaceABNSync).
 
-    Each process computes its per-channel count n_r, mean m_r and biased variance v_r (in float32);
+    Each process computes its per-channel count n_r, mean m_r and biased variance v_r (in float32,
+    or in the input's precision when higher: float64 inputs stay float64);
     the statistics of all processes are exchanged with a differentiable all-reduce and combined as
 
         mu      = sum_r n_r m_r / N,             N = sum_r n_r
@@ -178,17 +179,18 @@ class SyncABN(ABN):
             unbiased_var = var * count / (count - 1).clamp_min(1)
             self.running_mean.mul_(1 - momentum).add_(momentum * mean.to(self.running_mean.dtype))
             self.running_var.mul_(1 - momentum).add_(momentum * unbiased_var.to(self.running_var.dtype))
-        factor = self.scale().float() * torch.rsqrt(var + self.eps)
-        shift = self.bias.float() - mean * factor
-        y = x.float() * factor.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        factor = self.scale().to(var.dtype) * torch.rsqrt(var + self.eps)
+        shift = self.bias.to(var.dtype) - mean * factor
+        y = x.to(var.dtype) * factor.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
         return y.to(x.dtype)
 
     def _global_statistics(self, x: torch.Tensor):
         """(mean, biased variance, count) per channel over the inputs of every process."""
         world_size = dist.get_world_size(self.group)
         rank = dist.get_rank(self.group)
-        xf = x.float()
-        local_count = torch.full((x.size(1),), float(x.numel() // x.size(1)), device=x.device)
+        # fp16/bf16 inputs are reduced in float32; float64 ones keep their precision
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        local_count = torch.full((x.size(1),), float(x.numel() // x.size(1)), device=x.device, dtype=xf.dtype)
         local_mean = xf.mean(dim=(0, 2, 3))
         local_var = xf.var(dim=(0, 2, 3), unbiased=False)
         # All-gather through a summed all-reduce of zero-padded slots: differentiable on every backend.
