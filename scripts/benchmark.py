@@ -238,26 +238,41 @@ def run_worker(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    result = measure_method(args, args.worker, torch.device(args.device))
+    print("BENCH_JSON " + json.dumps(result))
+
+
+def measure_method(args, method, device):
+    """One method's measurements (module docstring) in this process. Peak memory: CUDA's max
+    allocated since this call began; on the CPU the peak RSS increase, meaningful only in a fresh
+    process (the driver runs each method in its own)."""
+    import gc
+
+    import torch
+
     torch.manual_seed(0)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats(device)
     rss0 = peak_rss_mb()
-    opts, model, old, trainer, optim = build_step1(args, args.worker, device)
+    opts, model, old, trainer, optim = build_step1(args, method, device)
     n_seen = trainer.nb_current
     batches = synthetic_batches(args.warmup + args.steps, opts, n_seen, device)
     prepare_targets(trainer, batches, opts)  # not timed
     trainer.keep_context = True
     model.train()
     times = []
-    for i, batch in enumerate(batches):
-        _sync(device)
-        t0 = time.perf_counter()
-        trainer.train_iteration(batch, optim)
-        _sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    mem = (torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else peak_rss_mb() - rss0
+    try:
+        for i, batch in enumerate(batches):
+            _sync(device)
+            t0 = time.perf_counter()
+            trainer.train_iteration(batch, optim)
+            _sync(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+    finally:
+        trainer.close()
+    mem = (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else peak_rss_mb() - rss0
     term_times = time_terms(trainer, trainer.last_context)
     median = statistics.median(times)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [median, median, median]
@@ -270,9 +285,9 @@ def run_worker(args):
         "terms": [t.name for t in trainer.recipe.terms],
         "old_model_used": trainer.recipe.needs_old_model,
     }
-    if args.eval_only or args.worker == "FT":
+    if args.eval_only or method == "FT":
         result["eval_images_per_s"] = eval_throughput(model, batches, device, opts)
-    print("BENCH_JSON " + json.dumps(result))
+    return result
 
 
 def eval_throughput(model, batches, device, opts):
@@ -346,11 +361,14 @@ def main(argv=None):
     return report
 
 
-def benchmark_methods(args, deadline=None):
+def benchmark_methods(args, deadline=None, in_process=False):
     """The report: FT first (the reference of ``ratio_to_ft``), then ``args.methods``. With
     ``deadline`` (a ``time.monotonic()`` value) the methods not started before it, or still
     running at it, are listed under ``"skipped"`` instead; a method whose worker fails is listed
-    under ``"failed"`` with the end of its output, and the others still run."""
+    under ``"failed"`` with the end of its output, and the others still run. ``in_process``
+    (CUDA only, where peak memory is reset per method) measures in this process instead of a
+    fresh one per method, without the seconds of start-up each costs (checked against the
+    deadline between methods only)."""
     methods = list(dict.fromkeys(["FT"] + list(args.methods)))
     results, skipped, failed = {}, [], {}
     for m in methods:
@@ -360,11 +378,11 @@ def benchmark_methods(args, deadline=None):
             continue
         print(f"[benchmark] {m} ...", flush=True)
         try:
-            results[m] = run_method(args, m, timeout=left)
+            results[m] = _measure_in_process(args, m) if in_process else run_method(args, m, timeout=left)
         except subprocess.TimeoutExpired:
             skipped.append(m)
-        except RuntimeError as error:  # the worker failed: its output tail, and the others go on
-            failed[m] = str(error)
+        except Exception as error:  # noqa: BLE001 - a failed method is reported, the others go on
+            failed[m] = str(error) if isinstance(error, RuntimeError) and not in_process else _tail(error)
     ft = results.get("FT", {}).get("step_s_median")
     for r in results.values():
         r["ratio_to_ft"] = r["step_s_median"] / ft if ft else None
@@ -381,6 +399,27 @@ def benchmark_methods(args, deadline=None):
     if failed:
         report["failed"] = failed
     return report
+
+
+def _measure_in_process(args, method):
+    import gc
+
+    import torch
+
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        raise ValueError("in-process measurements need a CUDA device (CPU peak memory is per process)")
+    try:
+        return measure_method(args, method, device)
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _tail(error) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(error))[-4000:]
 
 
 def print_table(report):

@@ -2,8 +2,8 @@
 
     bash scripts/gpu_check.sh [--json gpu_check.json] [--budget_s 480] [--quick]
 
-Parts, in this order, each recorded in the JSON report as passed, failed, partial (some items
-left out for time) or skipped (with the reason):
+Parts (``--parts``, run in the order given; the environment always comes first), each recorded in
+the JSON report as passed, failed, partial (some items left out for time) or skipped (with why):
 
 1. ``environment``: Python, torch, torchvision, CUDA, cuDNN, the GPU's name, memory and compute
    capability, the repository's commit;
@@ -70,7 +70,8 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="time for the whole check; what would start later is skipped (default 480)")
     p.add_argument("--quick", action="store_true", help="smaller setting (module docstring)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (to test the check itself)")
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="parts to run")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="parts to run, in this order (default: all, in the order above)")
     p.add_argument("--methods", nargs="+", default=None, help="default: every method and -M variant")
     p.add_argument("--levels", nargs="+", choices=LEVELS, default=["O0", "O1", "O2"],
                    help="opt levels of the methods part")
@@ -187,7 +188,7 @@ def cuda_tests(args, check: Check) -> dict:
     summary = lines[-1] if lines else ""
     counts = parse_pytest_summary(summary)
     result = {"returncode": out.returncode, "summary": summary, "counts": counts,
-              "tail": (out.stdout + out.stderr)[-3000:]}
+              "tail": (out.stdout + out.stderr)[-20000:]}
     if out.returncode != 0:
         return dict(result, status="failed")
     if args.device.startswith("cuda") and (counts.get("skipped") or not counts.get("passed")):
@@ -316,7 +317,9 @@ def run_benchmark(args, check: Check) -> dict:
     bargs = bench_args(args, args.bench_opt_level,
                        ["--steps", str(args.bench_steps), "--warmup", str(args.bench_warmup),
                         "--methods", *args.methods])
-    report = benchmark.benchmark_methods(bargs, deadline=check.deadline)
+    # on CUDA in this process: a fresh one per method spends more on start-up than on the steps
+    report = benchmark.benchmark_methods(bargs, deadline=check.deadline,
+                                         in_process=args.device.startswith("cuda"))
     benchmark.print_table(report)
     status = "failed" if report.get("failed") else ("partial" if report.get("skipped") else "passed")
     return {"status": status, "report": report}
@@ -329,14 +332,18 @@ _TABLE_ROW = re.compile(r"^\s*(\d+)((?:\s+(?:-|\d+\.\d+))+)\s*$")
 
 
 def parse_demo_table(output: str) -> list:
-    """The rows ``step  value ...`` of the demo's final mIoU table (``-`` -> None)."""
-    rows = []
+    """The rows ``step  value ...`` of the demo's last mIoU table (``-`` -> None): the last run
+    of consecutive such lines (each step's own summary comes before, one row each)."""
+    tables, previous_matched = [], False
     for line in output.splitlines():
         match = _TABLE_ROW.match(line)
         if match:
+            if not previous_matched:
+                tables.append([])
             values = [None if v == "-" else float(v) for v in match.group(2).split()]
-            rows.append({"step": int(match.group(1)), "miou": values})
-    return rows
+            tables[-1].append({"step": int(match.group(1)), "miou": values})
+        previous_matched = bool(match)
+    return tables[-1] if tables else []
 
 
 def run_demo(args, check: Check) -> dict:
@@ -370,8 +377,8 @@ def main(argv=None) -> dict:
     check.parts["environment"] = dict(env, seconds=time.monotonic() - check.start)
     _print_part("environment", check.parts["environment"])
     check.save()
-    for part in PARTS[1:]:
-        if part not in args.parts:
+    for part in dict.fromkeys(args.parts):
+        if part == "environment":
             continue
         if env["status"] != "passed":
             result = skipped("the environment check failed")

@@ -154,22 +154,43 @@ def test_pinned_loader_batches_reach_the_gpu_unchanged(tmp_path):
         assert gpu_images.shape == (4, 3, 32, 32) and gpu_labels.dtype == torch.int64
 
 
+@pytest.fixture
+def fp32_without_tf32():
+    """Plain fp32 matrix products and deterministic cuDNN choices for the duration of a test."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.deterministic)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    yield
+    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+     torch.backends.cudnn.deterministic) = saved
+
+
 @pytest.mark.parametrize("method", ["SATS", "PLOP"])
-def test_old_model_side_thread_gives_the_sequential_losses(method):
+def test_old_model_side_thread_gives_the_sequential_losses(method, fp32_without_tf32):
+    """The old model on its side thread and CUDA stream computes what it computes in line: a
+    missing stream synchronisation would hand the loss half-written outputs. cuBLAS does not
+    promise bit-equal products on two streams, and a pseudo-label may flip at its threshold, so
+    the comparison allows float32 noise rather than asking for equality."""
     results = []
     for sequential in (False, True):
         opts, model, old, trainer, optim, batches = step1(method, "O0")
         trainer.opts.sequential_old_model = sequential
-        results.append((train(trainer, optim, batches), trainable(model)))
-    (threaded, w_threaded), (in_line, w_in_line) = results
+        trainer.keep_context = True
+        try:
+            history = [trainer.train_iteration(batches[0], optim)]
+            old_logits = trainer.last_context.old_logits.detach().clone()
+            history += [trainer.train_iteration(batch, optim) for batch in batches[1:]]
+        finally:
+            trainer.close()
+        results.append((history, old_logits, trainable(model)))
+    (threaded, old_threaded, w_threaded), (in_line, old_in_line, w_in_line) = results
+    torch.testing.assert_close(old_threaded, old_in_line, rtol=1e-4, atol=1e-5)
     assert set(threaded[0]) == set(in_line[0]) and len(threaded[0]) >= 2
-    # the first iteration's forward is the same computation on the same weights; later ones
-    # follow updates whose CUDA backward may sum in another order
-    for key in threaded[0]:
-        assert threaded[0][key] == pytest.approx(in_line[0][key], rel=1e-5, abs=1e-7), key
-    for got, expected in zip(threaded[1:], in_line[1:]):
+    for i, (got, expected) in enumerate(zip(threaded, in_line)):
         for key in expected:
-            assert got[key] == pytest.approx(expected[key], rel=1e-3, abs=1e-5), key
+            assert got[key] == pytest.approx(expected[key], rel=1e-3 if i == 0 else 1e-2, abs=1e-5), \
+                f"iteration {i}, {key}: side thread {got[key]}, in line {expected[key]}"
     for a, b in zip(w_threaded, w_in_line):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
@@ -185,7 +206,7 @@ def test_pod_on_the_gpu_equals_the_cpu_loss_and_gradients():
                    pod_options={"switch": {"after": {"factor": 0.0005, "type": "local"}}})
     losses, grads = [], []
     for device in ("cpu", "cuda"):
-        maps = [m.to(device).requires_grad_(True) for m in new]
+        maps = [m.detach().clone().to(device).requires_grad_(True) for m in new]
         loss = features_distillation([m.to(device) for m in old], maps, **options)
         loss.backward()
         losses.append(loss.item())
