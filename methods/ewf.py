@@ -69,7 +69,8 @@ class EWF(Component):
         g = technique_group(parser)
         hidden_switch(g, "weight_fusion")
         add_switch(g, "fix_pre_cls", "freeze the old classifiers at steps > 0 (EWF preset)")
-        g.add_argument("--ewf_alpha", type=float, default=None, help=argparse.SUPPRESS)
+        g.add_argument("--ewf_alpha", type=float, default=None, metavar="A",
+                       help="EWF: weight of the trained endpoint (default: sqrt(new / seen classes))")
         g.add_argument("--ewf_threshold_fraction", type=float, default=None, help=argparse.SUPPRESS)
         g.add_argument("--ewf_keep_unfused", action="store_true", default=False, help=argparse.SUPPRESS)
 

@@ -49,7 +49,7 @@ def nest_placeholder_init(model, logger) -> None:
     """The recipe's classifier initialisation when NeST is on: nothing here (the base method's
     init must not run); the classifier is generated in :meth:`NeST.setup_model`."""
     if logger is not None:
-        logger.info("New classifier: generated and pre-tuned by NeST before training (no balanced init)")
+        logger.info("New classifier: generated and pre-tuned by NeST before training (replaces the base method's init)")
 
 
 class NeST(Component):

@@ -7,7 +7,8 @@
     ``b − α·log 6`` (MiB's balanced init moved it by −log 6), the ``ewf`` record; a run that died
     between the last save and the fusion fuses once on ``--ckpt``, a fused file is never fused again;
 (c) NeST resumed mid-step with ``--ckpt`` does not pre-tune again;
-(e) the refused combinations end with exit status 2 and the reason.
+(e) the refused combinations end with exit status 2 and the reason;
+and PLOP+NeST with every hidden NeST switch plus EWF's, composed in one run.
 
 (d) The SATS head folds the classifier into its linear maps; that the folded forward gives the
 same logits with NeST's generated weights (during pre-tuning and once installed) is tested in
@@ -232,12 +233,32 @@ def test_c_nest_resumed_mid_step_does_not_pretune_again(tiny_voc, workspace, sha
     assert log.count("pre-tuned already; not pre-tuning again") == 1
 
 
+def test_expert_switches_reach_the_run_and_nest_composes_with_ewf(tiny_voc, workspace, shared_step0):
+    """PLOP+NeST with every hidden NeST switch, and EWF's by hand (NeST at the start, EWF at the end)."""
+    name = "plop-nest-switches"
+    switches = ["--nest_lr_scale", "10", "--nest_loss", "ce", "--nest_unkd", "1", "--nest_grid", "8",
+                "--nest_legacy_bias_init", "--nest_legacy_schedule", "--nest_bias_norm", "mean_abs",
+                "--nest_empty_class", "uniform", "--weight_fusion", "--ewf_alpha", "0.3",
+                "--ewf_threshold_fraction", "0.45"]
+    run_cli(method_args(tiny_voc, name, "PLOP+NeST", shared_step0) + switches + STEP1, workspace)
+    ckpt = load_checkpoint(checkpoint_file(workspace, name, 1))
+    record = ckpt["methods"]["nest"]
+    assert (record["lr"], record["loss"], record["unkd"], record["bias_norm"]) == (0.01, "ce", 1.0, "mean_abs")
+    assert record["legacy"] == {"bias_init": True, "schedule": True}
+    assert sum(record["counts"]) > 0 and len(record["counts"]) == 5  # an 8 x 8 grid: fewer pixels
+    assert ckpt["ewf"]["alpha"] == 0.3 and ckpt["ewf"]["threshold_fraction"] == 0.45
+    assert "frozen for this step" not in log_text(workspace, name)  # --weight_fusion alone: no --fix_pre_cls
+
+
 # ------------------------------------------------------------------------------- (e)
 REFUSALS = [
-    (["--method", "SSUL+NeST"], "--method SSUL+NeST: NeST cannot be combined with SSUL: SSUL's channel 0 is its unknown class"),
-    (["--method", "DKD+NeST"], "--method DKD+NeST: NeST cannot be combined with DKD: DKD's network has sigmoid channels"),
+    (["--method", "SSUL+NeST"],
+     "--method SSUL+NeST: NeST cannot be combined with SSUL: SSUL's channel 0 is its unknown class"),
+    (["--method", "DKD+NeST"],
+     "--method DKD+NeST: NeST cannot be combined with DKD: DKD's network has sigmoid channels"),
     (["--method", "LWF-MC+NeST"], "--method LWF-MC+NeST: NeST cannot be combined with LWF-MC: the pre-tuning fits"),
-    (["--method", "SSUL+EWF"], "--method SSUL+EWF: EWF cannot be combined with SSUL: SSUL trains its unknown and background"),
+    (["--method", "SSUL+EWF"],
+     "--method SSUL+EWF: EWF cannot be combined with SSUL: SSUL trains its unknown and background"),
     (["--method", "MiB", "--nest", "--cosine"], "--cosine cannot be combined with NeST"),
     (["--method", "FT", "--nest", "--bce"], "--bce cannot be combined with NeST"),
     (["--method", "SSUL", "--fix_pre_cls"], "--fix_pre_cls cannot be combined with SSUL"),
