@@ -27,6 +27,7 @@ This module holds the option group that EWF shares with NeST (one "Techniques" s
 from __future__ import annotations
 
 import argparse
+import os
 
 from methods import register_component, register_method
 from methods.base import Component, MethodSpec, StepInfo
@@ -123,8 +124,6 @@ class EWF(Component):
 def check_resumable(opts) -> None:
     """A fused checkpoint ends its step: training on from it (``--ckpt`` with more ``--epochs``)
     would fuse the fused weights a second time. Re-testing it (as many epochs as it holds) is fine."""
-    import os
-
     if opts.ckpt is None or not os.path.isfile(opts.ckpt):
         return
     ckpt = load_checkpoint(opts.ckpt)
