@@ -33,6 +33,9 @@ The state dict of each layer is ``weight``, ``bias``, ``running_mean``, ``runnin
 torch's ``num_batches_tracked``; files from inplace_abn < 1.1 (MiB/PLOP era) lack the latter
 and load all the same.
 
+:class:`SyncBatchNorm` is ``torch.nn.SyncBatchNorm`` (a plain BatchNorm, used by the SegFormer MLP
+head in a world > 1) made to synchronise CPU process groups (gloo) as well.
+
 The original code sets ``layer.activation = "identity"`` after construction for the last
 normalisation of a residual branch; here the factory takes ``activation="identity"`` instead.
 """
@@ -186,24 +189,97 @@ class SyncABN(ABN):
 
     def _global_statistics(self, x: torch.Tensor):
         """(mean, biased variance, count) per channel over the inputs of every process."""
-        world_size = dist.get_world_size(self.group)
-        rank = dist.get_rank(self.group)
-        # fp16/bf16 inputs are reduced in float32; float64 ones keep their precision
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        local_count = torch.full((x.size(1),), float(x.numel() // x.size(1)), device=x.device, dtype=xf.dtype)
-        local_mean = xf.mean(dim=(0, 2, 3))
-        local_var = xf.var(dim=(0, 2, 3), unbiased=False)
-        # All-gather through a summed all-reduce of zero-padded slots: differentiable on every backend.
-        local = torch.stack([local_count, local_mean, local_var])
-        slots = [torch.zeros_like(local) for _ in range(world_size)]
-        slots[rank] = local
-        counts, means, variances = dist_fn.all_reduce(torch.stack(slots), group=self.group).unbind(1)
-        count = counts.sum(0)
-        mean = (counts * means).sum(0) / count
-        var = (counts * (variances + (means - mean) ** 2)).sum(0) / count
-        if bool((count < 2).any()):
-            raise ValueError(f"SyncABN needs more than one value per channel over all processes, got input {tuple(x.shape)}")
-        return mean, var, count
+        return global_batch_statistics(x, self.group, type(self).__name__)
+
+
+def global_batch_statistics(x: torch.Tensor, group=None, layer: str = "SyncABN"):
+    """Per-channel ``(mean, biased variance, count)`` of ``x`` (N, C, ...) over every process of
+    ``group`` (None: the default group), differentiable with respect to ``x``.
+
+    Each process contributes its count n_r, mean m_r and biased variance v_r; they are combined as
+    mu = sum_r n_r m_r / N and sigma^2 = sum_r n_r (v_r + (m_r - mu)^2) / N, N = sum_r n_r, so
+    processes may hold different batch or spatial sizes. fp16/bf16 inputs are reduced in float32,
+    float64 ones keep their precision. The exchange is one all-reduce of zero-padded per-rank slots
+    (an all-gather that is differentiable on every backend, gloo included).
+    """
+    world_size = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    dims = [0] + list(range(2, x.dim()))
+    local_count = torch.full((x.size(1),), float(x.numel() // x.size(1)), device=x.device, dtype=xf.dtype)
+    local_mean = xf.mean(dim=dims)
+    local_var = xf.var(dim=dims, unbiased=False)
+    local = torch.stack([local_count, local_mean, local_var])
+    slots = [torch.zeros_like(local) for _ in range(world_size)]
+    slots[rank] = local
+    counts, means, variances = dist_fn.all_reduce(torch.stack(slots), group=group).unbind(1)
+    count = counts.sum(0)
+    mean = (counts * means).sum(0) / count
+    var = (counts * (variances + (means - mean) ** 2)).sum(0) / count
+    if bool((count < 2).any()):
+        raise ValueError(f"{layer} needs more than one value per channel over all processes, got input {tuple(x.shape)}")
+    return mean, var, count
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm2d whose training statistics are those of the batch of all processes, on any
+    process group -- gloo on the CPU included, which ``torch.nn.SyncBatchNorm`` refuses (both its
+    forward and DistributedDataParallel raise for CPU modules).
+
+    In training, in a group of more than one process, the statistics come from
+    :func:`global_batch_statistics`:
+
+        y = (x - mu) / sqrt(sigma^2 + eps) * weight + bias          (mu, sigma^2 over all processes)
+        running = (1 - momentum) * running + momentum * batch       (the unbiased global variance;
+                                                                     momentum None: 1 / batches seen)
+
+    with gradients flowing to every process's input through mu and sigma^2 -- the forward and
+    backward of ``torch.nn.SyncBatchNorm``. Otherwise (eval mode, no group, a group of one) it is
+    BatchNorm2d. The state dict is BatchNorm2d's. :func:`batch_norm_layer` picks this layer for
+    CPU runs and keeps ``torch.nn.SyncBatchNorm`` (its CUDA kernels) for CUDA ones.
+
+    Args:
+        process_group: the group to synchronise over (None: the default group).
+        other arguments: as torch.nn.BatchNorm2d.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats)
+        self.process_group = process_group
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self._synchronises():
+            return super().forward(input)
+        self._check_input_dim(input)
+        mean, var, count = global_batch_statistics(input, self.process_group, type(self).__name__)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased_var = var * count / (count - 1)
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - momentum).add_(momentum * unbiased_var.to(self.running_var.dtype))
+        shape = (1, -1, 1, 1)
+        y = (input.to(var.dtype) - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.to(var.dtype).view(shape) + self.bias.to(var.dtype).view(shape)
+        return y.to(input.dtype)
+
+    def _synchronises(self) -> bool:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return False
+        return dist.get_world_size(self.process_group) > 1
+
+
+def batch_norm_layer(world_size: int, device_type: str) -> type:
+    """The plain BatchNorm layer class for a model trained by ``world_size`` processes on
+    ``device_type`` ("cuda" or "cpu"): BatchNorm2d for one process, torch.nn.SyncBatchNorm on CUDA
+    (NCCL), :class:`SyncBatchNorm` on the CPU (gloo)."""
+    if world_size <= 1:
+        return nn.BatchNorm2d
+    return nn.SyncBatchNorm if device_type == "cuda" else SyncBatchNorm
 
 
 def make_norm_act(name: str, world_size: int = 1, activation: Optional[str] = None) -> Callable[..., ABN]:
