@@ -179,6 +179,7 @@ def step1_pair(opts):
 def test_with_freeze_the_importance_reads_unscaled_gradients_of_parameters_outside_the_optimiser():
     opts = options("--method", "EWC", "--freeze")
     new, old, state = step1_pair(opts)
+    body = {n for n, _ in new.named_parameters() if n.startswith("body.")}
     runs = {}
     for name, scaler in (("fp32", None), ("scaled", fixed_scaler(2.0 ** 20))):
         model = copy.deepcopy(new)
@@ -186,7 +187,6 @@ def test_with_freeze_the_importance_reads_unscaled_gradients_of_parameters_outsi
                           classes=[OLD_CLASSES, NEW_CLASSES], step=1, scaler=scaler)
         optim = sgd(model, opts, step=1)
         in_optim = {id(p) for g in optim.param_groups for p in g["params"]}
-        body = {n for n, p in model.named_parameters() if n.startswith("body.")}
         assert body and all(id(p) not in in_optim for n, p in model.named_parameters() if n in body)
         values = iterate(trainer, optim, batch(5, step=1), seed=21)
         assert values["reg"] > 0
