@@ -471,15 +471,25 @@ def report_test(opts, step, score, n_classes, logger, world, skipped=None, skip_
 
 
 def print_summary(opts, step, summary, n_base, n_seen):
-    head_new = f"{n_base}-{n_seen - 1}" if n_seen > n_base else "new"
+    """The step's base / new / all / hIoU test mIoU, with the same columns at every step."""
+    n_all = sum(tasks.get_per_task_classes(opts.dataset, opts.task, tasks.get_num_steps(opts.dataset, opts.task) - 1))
     keys = ("base", "new", "all", "hIoU")
-    rows = [("step", f"0-{n_base - 1}", head_new, "all", "hIoU"),
+    rows = [("step", f"0-{n_base - 1}", f"{n_base}-{n_all - 1}", "all", "hIoU"),
             (str(step),) + tuple("-" if np.isnan(summary[k]) else f"{100 * summary[k]:.2f}" for k in keys)]
     width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"\n{getattr(opts, 'method_label', None) or opts.method or 'FT'} on {opts.dataset} {opts.task}, "
-          f"test mIoU (%)")
+    print(f"\n{_trained_by(opts, step)} on {opts.dataset} {opts.task}, test mIoU (%)")
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, width)))
+
+
+def _trained_by(opts, step) -> str:
+    """What trained the model: the method, or at step 0 the family that shares that model."""
+    label = getattr(opts, "method_label", None) or opts.method or "FT"
+    if step > 0:
+        return label
+    family = methods.step0_family(label)
+    sharing = [m for m in methods.names() if methods.get(m).step0_family == family]
+    return f"step 0 ({label}; the model {', '.join(sharing)} share)" if len(sharing) > 1 else label
 
 
 # --------------------------------------------------------------------------------------------

@@ -178,7 +178,10 @@ def sweep_settings(text: str, dataset: str, task: str) -> dict:
     method's and each technique's own (the authors' scripts), the more specific key last (keys:
     ``dataset``, ``dataset:task``, and for a technique ``dataset+BASE``, ``dataset:task+BASE``).
     Returns ``{"epochs", "lr0", "lr", "args", "step0_args", "step0_family", "step0_method"}``."""
+    import tasks
+
     parsed = parse(text)
+    task = tasks.canonical_task(dataset, task)
     settings = dict(SWEEP_DEFAULTS[dataset], args=[], step0_args=[])
     for name in (parsed.base,) + parsed.techniques:
         sweep = get(name).sweep

@@ -29,8 +29,9 @@
 #   CROP_VAL=1        1: evaluate on a 512 centre crop, the protocol every published number used
 #                     (MiB, PLOP and SATS all cropped by default); 0: full images
 #   CHECKPOINT_DIR=checkpoints/step
-#   STEP0_PREFIX=step0  prefix of the shared step-0 name; change it when you change step-0
-#                     settings (epochs, batch, data), otherwise the existing file is reused
+#   STEP0_PREFIX=step0  prefix of the shared step-0 name (which includes the family, the model and
+#                     LR0 when it is not 0.01); change it when you change other step-0 settings
+#                     (epochs, batch, data), otherwise the existing file is reused
 #   RESUME=0          1: a step whose checkpoint exists is resumed / re-tested (--ckpt) and the
 #                     results file is kept
 #   EXTRA_ARGS        extra run.py options for every command (arguments of the script are added too)
@@ -118,6 +119,8 @@ _configure() {
     read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 
     STEP0_NAME="${STEP0_PREFIX}-${STEP0_FAMILY}-${MODEL}"
+    # a step 0 trained at another rate (e.g. NeST's 0.02) is another model: another file
+    if [[ $LR0 != 0.01 ]]; then STEP0_NAME+="-lr${LR0}"; fi
     STEP0_CKPT="${CHECKPOINT_DIR}/${TASK}-${DATASET}_${STEP0_NAME}_0.pth"
     RESULTS_FILE="results/${START_DATE}_${DATASET}_${TASK}_${NAME}.csv"
     local count_steps="import sys, tasks; print(tasks.get_num_steps(sys.argv[1], sys.argv[2]))"

@@ -38,8 +38,10 @@ else
   python run.py "${common[@]}" --step 0 --lr "$LR0" --epochs "$EPOCHS0" --name "$STEP0_NAME"
 fi
 echo "[demo] step 1: 5 new classes with $METHOD, $EPOCHS epochs"
-python run.py "${common[@]}" --step 0 --test --ckpt "$step0_ckpt" --method "$METHOD" --name "${NAME}-${METHOD}"
+# the step-0 row of the method's results file (the same model: its table was printed above)
+python run.py "${common[@]}" --step 0 --test --ckpt "$step0_ckpt" --method "$METHOD" --name "${NAME}-${METHOD}" > /dev/null
 python run.py "${common[@]}" --step 1 --lr "$LR" --epochs "$EPOCHS" --method "$METHOD" \
   --step_ckpt "$step0_ckpt" --name "${NAME}-${METHOD}"
+echo "[demo] summary of results/${DATE}_voc_15-5_${NAME}-${METHOD}.csv:"
 python average_csv.py "results/${DATE}_voc_15-5_${NAME}-${METHOD}.csv" --dataset voc --task 15-5
 echo "[demo] TensorBoard: tensorboard --logdir logs/15-5-voc"

@@ -569,7 +569,7 @@ def _report_thresholds(thresholds: torch.Tensor, flavour: Optional[str], logger)
         if logger is not None:
             logger.warning(message)
     elif logger is not None:
-        logger.info(f"pseudo-label thresholds: {thresholds.tolist()}")
+        logger.info("pseudo-label thresholds: " + ", ".join(f"{value:.4f}" for value in thresholds.tolist()))
 
 
 # --------------------------------------------------------------------------------------------
