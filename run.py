@@ -127,7 +127,7 @@ def load_previous_step(opts, step, model, model_old, logger):
                         f"first {wrong[:4]}); is it a step {step - 1} checkpoint of this --model?")
     regularizer_state = (ckpt.get("trainer_state") or {}).get("regularizer")
     if regularizer_state is not None:
-        check_finite_state(regularizer_state, path)
+        check_finite_state(regularizer_state, path, step=step - 1)
     logger.info(f"Loaded step {step - 1} weights from {path}")
     return ckpt
 

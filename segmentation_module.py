@@ -37,6 +37,7 @@ from torch import nn
 
 from models import load_resnet_imagenet, net_resnet50, net_resnet101
 from models.mit import MIT_CONFIGS, MixVisionTransformer, mit_variant
+from modules.norm_act import batch_norm_layer
 from modules import DeeplabV3, make_norm_act
 from modules.segformer_head import MLP_DECODER_DIMS, SATSHead, SegFormerMLPHead
 from utils.weights import load_mit_weights, missing_pretrained_error, pretrained_path
@@ -371,7 +372,8 @@ def _build_segformer(opts) -> tuple[nn.Module, nn.Module, int]:
         return body, SATSHead(body.stage_channels, SATS_HEAD_CHANNELS), SATS_HEAD_CHANNELS
     if head_type == "mlp":
         channels = MLP_DECODER_DIMS[variant]
-        norm = nn.SyncBatchNorm if _world_size(opts) > 1 else nn.BatchNorm2d
+        # synchronised BN with several processes: torch's on CUDA, the gloo-capable one on the CPU
+        norm = batch_norm_layer(_world_size(opts), "cuda" if torch.cuda.is_available() else "cpu")
         return body, SegFormerMLPHead(body.stage_channels, channels, norm_layer=norm), channels
     raise ValueError(f"unknown --segformer_head {head_type!r}; choose 'sats' or 'mlp'")
 

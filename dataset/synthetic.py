@@ -35,6 +35,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -409,4 +410,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from utils.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -47,6 +47,7 @@ GLOBAL_BATCH, WORLD = 8, 2
 UPDATE_FLOOR = 1e-8  # see update_error
 MODELS = {
     "segformer_b0": ["--model", "segformer_b0"],
+    "segformer_mlp": ["--model", "segformer_b0", "--segformer_head", "mlp"],
     "deeplab": ["--model", "deeplab", "--backbone", "resnet50", "--norm_act", "iabn_sync",
                 "--output_stride", "16"],
 }
@@ -206,3 +207,9 @@ def test_deeplab_iabn_sync_one_iteration_1x8_equals_2x4_and_local_statistics_do_
     errors = update_error({**ranks[0]["state"], **control}, reference, initial)
     assert min(errors[k] for k in control) > 1e-3 and max(errors[k] for k in control) > 0.1
 
+
+def test_segformer_mlp_head_one_iteration_1x8_equals_2x4(tmp_path):
+    initial, images, labels, losses, reference = reference_run("segformer_mlp")
+    assert any(k.endswith("running_var") for k in initial)  # the head's BatchNorm, synchronised over gloo
+    ranks = two_ranks(tmp_path, "segformer_mlp", initial, images, labels)
+    check_equivalent(ranks, initial, reference, losses)

@@ -623,4 +623,9 @@ def _print_last_step(md_path: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.errors import report
+
+    try:
+        sys.exit(main())
+    except Exception as error:  # noqa: BLE001 - report() re-raises what is not a user error
+        sys.exit(report(error))
