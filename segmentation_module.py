@@ -126,6 +126,10 @@ class IncrementalSegmentationModule(nn.Module):
     With ``only_bg`` the logits are those of ``cls[0]`` alone (all background modes, unfused).
     """
 
+    # what ``wants`` may name, and what ``ret_intermediate=True`` returns (a subclass may add keys)
+    extra_keys = EXTRA_KEYS
+    intermediate_keys = INTERMEDIATE_KEYS
+
     def __init__(
         self,
         body: nn.Module,
@@ -193,10 +197,10 @@ class IncrementalSegmentationModule(nn.Module):
     def _requested_extras(self, ret_intermediate: bool, wants) -> list[str]:
         if isinstance(wants, str):
             wants = [wants]
-        requested = list(INTERMEDIATE_KEYS) if ret_intermediate else []
+        requested = list(self.intermediate_keys) if ret_intermediate else []
         for name in wants or ():
-            if name not in EXTRA_KEYS:
-                raise ValueError(f"unknown extra {name!r}; the model can return {EXTRA_KEYS}")
+            if name not in self.extra_keys:
+                raise ValueError(f"unknown extra {name!r}; the model can return {self.extra_keys}")
             if name not in requested:
                 requested.append(name)
         if "attn_maps" in requested and not self.is_segformer:

@@ -1,7 +1,7 @@
 """DKD (Baek et al., NeurIPS 2022, "Decomposed Knowledge Distillation for Class-Incremental Semantic
 Segmentation") and DKD-M (with the exemplar memory).
 
-DKD has its own network (``dkd_model.py``): channel 0 is a one-channel auxiliary classifier that
+DKD has its own network (``modules/dkd_model.py``): channel 0 is a one-channel auxiliary classifier that
 reads detached features, channel k ≥ 1 scores class k, every channel is an independent sigmoid and
 there is no background channel. The tensor functions live in ``utils/dkd.py``; this module binds
 them to the options and the trainer. Notation: ``BCE_p(x, q) = −[p·q·log σ(x) + (1 − q)·log(1 − σ(x))]``,
@@ -187,7 +187,7 @@ class DKD(Component):
     def build_model(self, opts, classes):
         if not getattr(opts, "dkd", False):
             return None
-        from dkd_model import build_dkd_model
+        from modules.dkd_model import build_dkd_model
 
         return build_dkd_model(opts, classes)
 
@@ -257,7 +257,7 @@ def choose_legacy_memory(run, step: int) -> None:
 
     import tasks
     from dataset import memory as mem
-    from dkd_model import memory_labelling_model
+    from modules.dkd_model import memory_labelling_model
     from methods.memory import choose_memory, memory_path
     from utils import distributed as dist_utils
 

@@ -1,5 +1,5 @@
 """DKD: losses, prediction rule, init, optimiser groups, freezing, memory (utils/dkd.py) and its
-network (dkd_model.py, modules/aspp_tv.py). Expected values are computed by hand from the formulas
+network (modules/dkd_model.py, modules/aspp_tv.py). Expected values are computed by hand from the formulas
 (float64) unless stated."""
 import math
 import warnings
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataset.memory import MemoryEntry, select_exemplars
-from dkd_model import (BACKBONE_BN_MOMENTUM, DKDSegmentationModule, build_dkd_model, dkd_classifier_layout,
+from modules.dkd_model import (BACKBONE_BN_MOMENTUM, DKDSegmentationModule, build_dkd_model, dkd_classifier_layout,
                        memory_labelling_model, torchvision_dilations)
 from models import net_resnet50
 from models.resnet import load_imagenet_state, torchvision_to_mib_names

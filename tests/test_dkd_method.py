@@ -29,7 +29,7 @@ from torch import nn
 
 import argparser
 import methods
-from dkd_model import DKDSegmentationModule
+from modules.dkd_model import DKDSegmentationModule
 from helpers_e2e import base_args, checkpoint_file, log_folder, results_csv, run_cli, tiny_voc  # noqa: F401
 from methods import dkd as dkd_method
 from segmentation_module import make_model
@@ -130,7 +130,7 @@ def test_sweep_values(method):
     assert (voc["epochs"], voc["lr0"], voc["lr"], voc["args"], voc["step0_args"]) == (60, 0.001, 0.0001, [], [])
     ade = methods.sweep_settings(method, "ade", "100-10")
     assert (ade["epochs"], ade["lr0"], ade["lr"]) == (100, 0.0025, 0.00025)
-    assert ade["args"] == ade["step0_args"] == ["--lr_policy", "warm_poly"]
+    assert ade["args"] == ade["step0_args"] == ["--lr_policy", "warm_poly", "--lr_warmup", "0.2"]
     assert (voc["step0_family"], voc["step0_method"]) == ("dkd", "DKD")  # DKD-M reuses DKD's step 0
 
 

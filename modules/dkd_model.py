@@ -20,7 +20,6 @@ eval mode for good (later ``train()`` calls keep them there).
 """
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Iterable, Sequence
 
@@ -32,11 +31,12 @@ from models import net_resnet50, net_resnet101
 from models.mit import MIT_CONFIGS, MixVisionTransformer, mit_variant
 from models.resnet import MODULE_DILATIONS, load_resnet_imagenet
 from modules.aspp_tv import TorchvisionASPP
-from modules.norm_act import SyncABN, make_norm_act
+from modules.norm_act import SyncABN, batch_norm_layer, make_norm_act
 from modules.segformer_head import MLP_DECODER_DIMS, SATSHead, SegFormerMLPHead
-from segmentation_module import INTERMEDIATE_KEYS, SEGFORMER_MODELS, IncrementalSegmentationModule, SegFormerBody
+from segmentation_module import (INTERMEDIATE_KEYS, SEGFORMER_MODELS, IncrementalSegmentationModule, SegFormerBody,
+                                 _load_pretrained, _world_size)
 from utils.dkd import EVIDENCE_KEYS, EVIDENCE_NEG, EVIDENCE_POS, decomposed_evidence, init_new_classifier_from_aux
-from utils.weights import load_mit_weights, missing_pretrained_error, pretrained_path
+from utils.weights import load_mit_weights
 
 __all__ = [
     "DKD_EXTRA_KEYS",
@@ -81,6 +81,9 @@ class DKDSegmentationModule(IncrementalSegmentationModule):
     Kaiming-normal weights (fan_in, gain √2) and PyTorch's default bias.
     """
 
+    extra_keys = DKD_EXTRA_KEYS
+    intermediate_keys = INTERMEDIATE_KEYS + EVIDENCE_KEYS
+
     def __init__(self, body: nn.Module, head: nn.Module, head_channels: int, classes: Sequence[int]):
         classes = [int(c) for c in classes]
         if len(classes) < 2 or classes[0] != 1:
@@ -92,8 +95,8 @@ class DKDSegmentationModule(IncrementalSegmentationModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, ret_intermediate: bool = False, wants: Iterable[str] | None = None):
-        requested = self._dkd_requested(ret_intermediate, wants)
-        features = self._dkd_features(x, with_attn_maps="attn_maps" in requested)
+        requested = self._requested_extras(ret_intermediate, wants)
+        features = self._features(x, with_attn_maps="attn_maps" in requested)
         pre_logits = features["pre_logits"]
         small = torch.cat([self.cls[0](pre_logits.detach())] + [conv(pre_logits) for conv in self.cls[1:]], dim=1)
         features["sem_logits_small"] = small
@@ -105,38 +108,6 @@ class DKDSegmentationModule(IncrementalSegmentationModule):
     def class_weights(self) -> torch.Tensor:
         """The weights of every class channel (auxiliary excluded), (Σ classes, D, 1, 1)."""
         return torch.cat([conv.weight for conv in self.cls[1:]])
-
-    def _dkd_requested(self, ret_intermediate: bool, wants) -> list[str]:
-        if isinstance(wants, str):
-            wants = [wants]
-        requested = list(INTERMEDIATE_KEYS) + list(EVIDENCE_KEYS) if ret_intermediate else []
-        for name in wants or ():
-            if name not in DKD_EXTRA_KEYS:
-                raise ValueError(f"unknown extra {name!r}; the DKD model can return {DKD_EXTRA_KEYS}")
-            if name not in requested:
-                requested.append(name)
-        if "attn_maps" in requested and not self.is_segformer:
-            raise ValueError("'attn_maps' (encoder self-attention) exists only for SegFormer models, not DeepLab")
-        return requested
-
-    def _dkd_features(self, x: torch.Tensor, with_attn_maps: bool) -> dict:
-        if x.dim() != 4:
-            raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
-        attn_maps = None
-        if self.is_segformer:
-            if with_attn_maps:
-                stages, attn_maps = self.body(x, return_attentions=True)
-            else:
-                stages = self.body(x)
-            pre_logits = self.head(stages)
-            body_out, pyramid, featuremaps = stages[-1], list(stages), list(stages)
-        else:
-            body_out, sums = self.body(x)
-            pre_logits = self.head(body_out)
-            pyramid = list(sums)
-            featuremaps = pyramid + [pre_logits]
-        return {"body": body_out, "pre_logits": pre_logits, "attentions": pyramid + [pre_logits],
-                "featuremaps": featuremaps, "attn_maps": attn_maps}
 
     # ------------------------------------------------------- classifier updates
     @torch.no_grad()
@@ -170,21 +141,8 @@ class DKDSegmentationModule(IncrementalSegmentationModule):
 
 
 # ---------------------------------------------------------------- construction
-def _world_size(opts) -> int:
-    return int(getattr(opts, "world_size", None) or 1)
-
-
-def _load_pretrained(opts, load) -> None:
-    if getattr(opts, "no_pretrained", False):
-        return
-    path = pretrained_path(opts)
-    if not os.path.isfile(path):
-        raise missing_pretrained_error(path, opts.model)
-    load(path)
-
-
 def _head_norm_layer(world_size: int):
-    return nn.SyncBatchNorm if world_size > 1 else nn.BatchNorm2d
+    return batch_norm_layer(world_size, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _backbone_norm_act(name: str, world_size: int):
