@@ -235,11 +235,12 @@ def build_recipe(opts, step: int, classes=None) -> Recipe:
                     eval_loss=all(c.eval_loss(opts) for c in ordered),
                     find_unused_parameters=any(c.find_unused_parameters(opts) for c in ordered),
                     components=ordered)
+    # targets at every step: a label space of its own (SSUL's unknown channel) applies at step 0 too
+    recipe.targets = _first(by_priority, lambda c: c.targets(info))
     if step == 0:
         return recipe
     for component in ordered:
         recipe.terms.extend(t for t in component.terms(info) if t.weight != 0)
-    recipe.targets = _first(by_priority, lambda c: c.targets(info))
     init = _first(by_priority, lambda c: c.init_classifier(info))
     if init is not None:
         recipe.init_name, recipe.init_classifier = init

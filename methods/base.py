@@ -237,6 +237,7 @@ class Component:
         return []
 
     def targets(self, info: StepInfo) -> Optional[TargetBuilder]:
+        """Called at every step (step 0 included: a builder may only change the label space)."""
         return None
 
     def regularizer(self, info: StepInfo) -> Optional[str]:

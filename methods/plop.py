@@ -216,7 +216,7 @@ class PLOP(Component):
         return [PodDistillation(info.opts, info.nb_old, info.nb_current)]
 
     def targets(self, info: StepInfo) -> Optional[TargetBuilder]:
-        if info.opts.pseudo in (None, "ssul"):
+        if info.opts.pseudo in (None, "ssul") or info.step == 0:  # no old model at step 0
             return None
         return PseudoLabels(info.opts, info.step, info.nb_old, info.nb_current)
 

@@ -77,7 +77,8 @@ EXPECTED_RECIPES = {
     "PI": (summary("ce", regularizer="pi"), summary("ce", regularizer="pi")),
     "MiB": (summary("ce"), summary("unce", {"kd": 40.0}, init="balanced")),
     "PLOP": (summary("ce"), summary("ce", {"pod": 1.0}, pseudo="entropy", init="balanced")),
-    "SSUL": (summary("ssul"), summary("ssul", pseudo="ssul", init="unknown")),
+    # SSUL's targets move the labels to its unknown-channel space at every step, step 0 included
+    "SSUL": (summary("ssul", pseudo="ssul"), summary("ssul", pseudo="ssul", init="unknown")),
     "SATS": (summary("ce"),
              summary("ce", {"kd": 20.0, "sats": 20.0}, pseudo="entropy", init="balanced")),
 }
@@ -389,3 +390,19 @@ def test_old_model_side_thread_gives_the_sequential_updates():
     (threaded, w_threaded), (sequential, w_sequential) = results
     assert threaded == sequential and set(threaded) == {"ce", "kd", "sats"}
     assert all(torch.equal(a, b) for a, b in zip(w_threaded, w_sequential))
+
+
+def test_ssul_targets_apply_at_step_0_too():
+    """SSUL's label space (unknown channel 0, background 1, class k on k + 1) is used from step 0:
+    a recipe that skipped its target builder at step 0 trained SSUL's step 0 on unshifted labels."""
+    from utils.ssul import ssul_targets
+
+    opts = options("--method", "SSUL")
+    model = make_model(opts, [OLD_CLASSES])
+    trainer = Trainer(model, None, CPU, opts, classes=[OLD_CLASSES], step=0)
+    _, labels = step1_batch()
+    labels = labels.masked_fill((labels > 15) & (labels < 255), 3)
+    saliency = (torch.rand(labels.shape, generator=torch.Generator().manual_seed(3)) > 0.5).long()
+    targets = trainer.make_targets(labels, None, saliency).labels
+    assert torch.equal(targets, ssul_targets(labels, saliency, "voc"))
+    assert not torch.equal(targets, labels) and not trainer.recipe.needs_old_model
