@@ -220,15 +220,16 @@ class Trainer:
         batch's host-to-device copies)."""
         old_logits, old_extras, old_probs = None, {}, None
         recipe = self.recipe
-        if self.model_old is not None and recipe.needs_old_model:
-            with self._old_device_context(main_stream), torch.no_grad(), autocast(self.device, self.amp_dtype):
+        if self.model_old is None or not recipe.needs_old_model:
+            return (old_logits, old_extras, old_probs), self.make_targets(labels, None, saliency)
+        with self._old_device_context(main_stream), torch.no_grad():
+            with autocast(self.device, self.amp_dtype):
                 old_logits, old_extras = self.model_old(images, wants=recipe.old_wants)
                 old_logits = old_logits.float()
                 if recipe.share_old_softmax:
                     old_probs = torch.softmax(old_logits, dim=1)
-                return (old_logits, old_extras, old_probs), self.make_targets(labels, old_logits, saliency,
-                                                                              old_probs)
-        return (old_logits, old_extras, old_probs), self.make_targets(labels, old_logits, saliency, old_probs)
+            targets = self.make_targets(labels, old_logits, saliency, old_probs)  # on the same stream
+        return (old_logits, old_extras, old_probs), targets
 
     @contextlib.contextmanager
     def _old_device_context(self, main_stream):
