@@ -8,18 +8,20 @@ the JSON report as passed, failed, partial (some items left out for time) or ski
 1. ``environment``: Python, torch, torchvision, CUDA, cuDNN, the GPU's name, memory and compute
    capability, the repository's commit;
 2. ``cuda_tests``: ``pytest -m cuda tests`` (fp16/bf16 training iterations, checkpoints across
-   devices, pinned-memory transfer, the old model's side thread), counts and the output's end;
+   devices, pinned-memory transfer, the old model's side thread, POD's backward), counts, output;
 3. ``methods``: every method (``all_methods()``) under each ``--levels`` opt level for
    ``--iterations`` training iterations on synthetic batches with random weights (SegFormer-B2,
    512 px, batch 8): fails on a non-finite loss or a skipped update (NaN skip or GradScaler
    overflow) after the first ``--settle`` iterations, where the fp16 GradScaler finds its scale;
 4. ``benchmark``: ``scripts/benchmark.py`` on that setting under ``--bench_opt_level`` for every
-   method: step time, images/s, peak ``torch.cuda.max_memory_allocated``, loss-term shares;
+   method (in this process on CUDA, peak memory reset per method): step time, images/s, peak
+   ``torch.cuda.max_memory_allocated``, loss-term shares;
 5. ``demo``: ``scripts/demo.sh`` (96 px) end to end, its final mIoU table.
 
 ``--budget_s`` (default 480 s) bounds the whole run: a part, method or benchmark run that would
 start after it is skipped and recorded so, a subprocess still running at it is stopped. The report
-is rewritten after each part, so a run stopped from outside leaves the parts done so far.
+is rewritten after each part, so a run stopped from outside leaves the parts done so far. The
+exit status is 0 when no part failed.
 ``--quick`` is a smaller setting (SegFormer-B0, 256 px, batch 4, 10 iterations, 1-epoch demo).
 Models and trainers are built by ``scripts/benchmark.py``'s functions, as the benchmark builds them.
 """
