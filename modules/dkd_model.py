@@ -28,15 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import net_resnet50, net_resnet101
-from models.mit import MIT_CONFIGS, MixVisionTransformer, mit_variant
 from models.resnet import MODULE_DILATIONS, load_resnet_imagenet
 from modules.aspp_tv import TorchvisionASPP
 from modules.norm_act import SyncABN, batch_norm_layer, make_norm_act
-from modules.segformer_head import MLP_DECODER_DIMS, SATSHead, SegFormerMLPHead
-from segmentation_module import (INTERMEDIATE_KEYS, SEGFORMER_MODELS, IncrementalSegmentationModule, SegFormerBody,
-                                 _load_pretrained, _world_size)
+from segmentation_module import (INTERMEDIATE_KEYS, SEGFORMER_MODELS, IncrementalSegmentationModule,
+                                 _build_segformer, _load_pretrained, _world_size)
 from utils.dkd import EVIDENCE_KEYS, EVIDENCE_NEG, EVIDENCE_POS, decomposed_evidence, init_new_classifier_from_aux
-from utils.weights import load_mit_weights
 
 __all__ = [
     "DKD_EXTRA_KEYS",
@@ -188,20 +185,6 @@ def _build_deeplab(opts):
     head = TorchvisionASPP(body.out_channels, HEAD_CHANNELS, HEAD_CHANNELS, output_stride,
                            norm_layer=_head_norm_layer(world))
     return body, head, HEAD_CHANNELS
-
-
-def _build_segformer(opts):
-    variant = mit_variant(opts.model)
-    body = SegFormerBody(MixVisionTransformer(**MIT_CONFIGS[variant]))
-    _load_pretrained(opts, lambda path: load_mit_weights(body.mit, path))
-    head_type = getattr(opts, "segformer_head", None) or "sats"
-    if head_type == "sats":
-        return body, SATSHead(body.stage_channels, HEAD_CHANNELS), HEAD_CHANNELS
-    if head_type == "mlp":
-        channels = MLP_DECODER_DIMS[variant]
-        head = SegFormerMLPHead(body.stage_channels, channels, norm_layer=_head_norm_layer(_world_size(opts)))
-        return body, head, channels
-    raise ValueError(f"unknown --segformer_head {head_type!r}; choose 'sats' or 'mlp'")
 
 
 def build_dkd_model(opts, classes: Sequence[int]) -> DKDSegmentationModule:
