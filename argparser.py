@@ -19,6 +19,7 @@ from methods.plop import PSEUDO_MODES as _PLOP_PSEUDO
 from methods.presets import ORIGINAL_REPO_VALUES, apply_method, canonical_method, original_repo_flags
 from methods.sats import DISTILL_OBJECTS  # noqa: F401  (re-exported)
 from utils import legacy_options
+from utils.errors import ArgumentParser
 
 __all__ = [
     "METHODS", "MEMORY_METHODS", "MEMORY_SIZES", "NUM_CLASSES", "MODELS", "METHOD_PRESETS",
@@ -61,14 +62,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.const is False or "default" in (action.help or "") or action.default in (None, False):
             return action.help
         return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    """``error()`` prints the short usage line and the message, not the whole usage block."""
-
-    def error(self, message):
-        prog = self.prog
-        self.exit(2, f"usage: {prog} [options]   (--help lists them)\n{prog}: error: {message}\n")
 
 
 class _LegacyHelp(argparse.Action):
@@ -268,7 +261,7 @@ def _add_method_option(parser):
 
 def get_argparser():
     """The ``run.py`` parser: the shared options, then each registered method's group."""
-    parser = _Parser(
+    parser = ArgumentParser(
         usage="%(prog)s [options]   (--help_legacy: the originals' options accepted for compatibility)",
         description="Continual semantic segmentation: SATS and its baselines. --method applies a preset; "
                     "explicit options win over it.",

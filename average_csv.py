@@ -33,6 +33,7 @@ import sys
 from typing import List, NamedTuple, Optional, Sequence
 
 from metrics.stream_metrics import summarize_step, summary_labels
+from utils.errors import ArgumentParser
 from utils.results import ABSENT, UNSEEN, read_results
 
 import tasks
@@ -220,7 +221,7 @@ def summarize(paths, dataset: Optional[str] = None, task: Optional[str] = None, 
 
 # --------------------------------------------------------------------------- command line
 def get_argparser():
-    parser = argparse.ArgumentParser(prog="average_csv.py", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="average_csv.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("csv", nargs="+", help="results CSV(s) written by run.py; several: mean ± std over them")
     parser.add_argument("--dataset", choices=["voc", "ade"], default=None, help="with --task")
     parser.add_argument("--task", default=None, help="task name, for the base/new boundary (needs --dataset)")

@@ -461,10 +461,9 @@ def report_test(opts, step, score, n_classes, logger, world, skipped=None, skip_
         "skipped_samples": skip_report or {},
     }, step=step)
     print_summary(opts, step, summary, n_base, n_classes)
-    for split, counter in (skipped or {}).items():
+    for counter in (skipped or {}).values():
         if counter.count:
-            print(f"{counter.count} {split} image{'s' if counter.count > 1 else ''} skipped (unreadable): "
-                  + ", ".join(counter.paths))
+            print(counter.summary())  # "test: 1 image skipped: <path> (<reason>)"
     print(f"Results {'replaced (step ' + str(step) + ' again)' if replaced else 'appended'} in {csv_path}; "
           f"TensorBoard logs in "
           f"{os.path.join(opts.logdir, f'{opts.task}-{opts.dataset}', opts.name)}")

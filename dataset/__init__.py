@@ -54,13 +54,13 @@ def dataset_class(name: str):
 
 def index_folder(opts, path_base: str) -> str:
     """``path_base`` (``data/<dataset>/<task>``) + ``-ov`` with overlap, under ``opts.idxs_dir``
-    instead of ``data/`` when that option is set; the folder is created."""
+    instead of ``data/`` when that option is set. Not created here: the cache writers create it once
+    the scan has read the data, so a run refused for bad data leaves no folder behind."""
     idxs_dir = getattr(opts, "idxs_dir", None)
     if idxs_dir:
         path_base = os.path.join(idxs_dir, os.path.relpath(path_base, "data"))
     if opts.overlap:
         path_base += "-ov"
-    os.makedirs(path_base, exist_ok=True)
     return path_base
 
 

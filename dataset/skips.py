@@ -168,7 +168,9 @@ class SkipCounter:
         """One line for logs and the printed summary."""
         if not self._files:
             return f"{self.name}: every sample could be read"
-        return (f"{self.name}: {self.count} unreadable samples left out ({self.occurrences} times): "
+        noun = "image" if self.count == 1 else "images"
+        times = f" ({self.occurrences} times)" if self.occurrences != self.count else ""
+        return (f"{self.name}: {self.count} {noun} skipped{times}: "
                 + "; ".join(f"{path} ({entry['reason']})" for path, entry in sorted(self._files.items())))
 
     def as_dict(self) -> dict:

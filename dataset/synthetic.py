@@ -29,7 +29,7 @@ the tree depends only on the arguments, not on the number of worker processes.
 
 from __future__ import annotations
 
-import argparse
+
 import colorsys
 import json
 import multiprocessing
@@ -390,7 +390,9 @@ def ensure_demo_tree(path: str, dataset: str = "voc", num_train: int = 1000, num
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
+    from utils.errors import ArgumentParser
+
+    parser = ArgumentParser(
         prog="python -m dataset.synthetic",
         description="Write a generated VOC- or ADE-layout dataset that the real loaders read.",
     )

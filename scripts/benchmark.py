@@ -37,11 +37,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from utils.errors import ArgumentParser  # noqa: E402
+
 DEFAULT_METHODS = ["FT", "LWF", "ILT", "EWC", "MiB", "PLOP", "SSUL", "SATS"]
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="segformer_b0")
     p.add_argument("--crop_size", type=int, default=None, help="crop side (default 256; 512 with --data)")
     p.add_argument("--batch_size", type=int, default=4)
@@ -68,6 +70,14 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.crop_size is None:
         args.crop_size = 512 if args.data else 256
+    if not args.worker:  # a wrong name is an argument error here, not a failed worker later
+        import methods
+
+        for name in args.methods:
+            try:
+                methods.parse(name)
+            except ValueError as error:
+                p.error(f"argument --methods: {error}")
     return args
 
 

@@ -46,6 +46,8 @@ for _path in (str(ROOT), str(SCRIPTS)):
         sys.path.insert(0, _path)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as run.py sets it
 
+from utils.errors import ArgumentParser  # noqa: E402
+
 PARTS = ("environment", "cuda_tests", "methods", "benchmark", "demo")
 LEVELS = ("O0", "O1", "O2", "O3")
 FULL = dict(model="segformer_b2", crop_size=512, batch_size=8, iterations=30, settle=10,
@@ -65,7 +67,7 @@ def all_methods() -> list:
 # options
 # ---------------------------------------------------------------------------------------------
 def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="scripts/gpu_check.py", description=__doc__,
+    p = ArgumentParser(prog="scripts/gpu_check.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default="gpu_check.json", help="report file (default gpu_check.json)")
     p.add_argument("--budget_s", type=float, default=480.0,

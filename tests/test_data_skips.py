@@ -131,7 +131,7 @@ def test_counter_report_summary_and_json():
     assert counter.as_dict() == {"count": 2, "occurrences": 3, "files": [
         {"path": "/d/a.jpg", "reason": "bad", "times": 1},
         {"path": "/d/b.jpg", "reason": "truncated", "times": 2}]}
-    assert counter.summary() == ("val: 2 unreadable samples left out (3 times): /d/a.jpg (bad); "
+    assert counter.summary() == ("val: 2 images skipped (3 times): /d/a.jpg (bad); "
                                  "/d/b.jpg (truncated)")
 
     class _Log:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .io import atomic_write  # re-exported: callers import it from here
+from .errors import UserError
 
 __all__ = [
     "atomic_write",
@@ -95,7 +96,8 @@ def load_checkpoint(path, map_location="cpu"):
 
     Numpy scalars, which the originals' files contain, are allowed (see ``_numpy_scalar_globals``).
     Raises ``FileNotFoundError`` naming the path when it is missing, and ``RuntimeError`` naming it
-    when it is truncated, corrupt or holds objects that ``weights_only`` refuses.
+    when it is truncated, corrupt or holds objects that ``weights_only`` refuses
+    (:class:`CorruptCheckpointError`, a user error that is also a ``RuntimeError``).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -107,9 +109,14 @@ def load_checkpoint(path, map_location="cpu"):
         raise  # unreadable file (permissions, I/O): the OS message says it best
     except Exception as error:  # noqa: BLE001 - garbage bytes make the unpickler fail in many ways
         # (UnpicklingError, EOFError, IndexError, struct.error, UnicodeDecodeError, ...)
-        raise RuntimeError(
+        raise CorruptCheckpointError(
             f"cannot load checkpoint {path}: it is truncated or corrupt, or holds objects that "
             f"weights_only loading refuses ({type(error).__name__}: {error})") from error
+
+
+class CorruptCheckpointError(UserError, RuntimeError):
+    """A checkpoint file that cannot be read back: a user error (``error:``, exit 2) that callers
+    may still catch as the ``RuntimeError`` ``torch.load`` raises."""
 
 
 def strip_prefix(state_dict, prefix="module."):

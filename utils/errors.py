@@ -11,6 +11,7 @@ everything.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
@@ -21,6 +22,15 @@ EXIT_USER_ERROR = 2
 
 class UserError(ValueError):
     """A mistake the user can fix; the message says what, where and how."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of every command line here: an argument error prints the short usage line and
+    the message (exit status 2), not the whole usage block."""
+
+    def error(self, message):
+        prog = self.prog
+        self.exit(EXIT_USER_ERROR, f"usage: {prog} [options]   (--help lists them)\n{prog}: error: {message}\n")
 
 
 def _raised_by_project(error: BaseException) -> bool:

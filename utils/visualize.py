@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.errors import ArgumentParser
 from utils.reduce import channel_argmax
 
 __all__ = [
@@ -737,7 +738,7 @@ def _add_data_arguments(parser):
 
 
 def get_argparser():
-    parser = argparse.ArgumentParser(prog="python -m utils.visualize", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m utils.visualize", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     tsne = commands.add_parser("tsne", help="t-SNE of per-class pooled head features")

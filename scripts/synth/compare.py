@@ -56,6 +56,7 @@ from tasks import canonical_task  # noqa: E402
 from metrics import summarize_step, summary_labels  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.results import read_results  # noqa: E402
+from utils.errors import ArgumentParser  # noqa: E402
 
 DATASET = "voc"
 KEYS = ("base", "new", "all", "hIoU")  # hIoU: harmonic mean of base (background included) and new
@@ -513,7 +514,7 @@ def write_report(workdir, task: str, labels, seeds, settings: Settings, command:
 
 # ----------------------------------------------------------------------------------- CLI
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="scripts/synth/compare.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
