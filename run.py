@@ -186,7 +186,7 @@ def check_output_folders(opts) -> None:
     """Before anything is trained: the folders a run writes to can be written (nothing is created)."""
     for folder, option in ((opts.checkpoint, "--checkpoint"), ("results", "the results folder (./results)"),
                            (opts.logdir, "--logdir")):
-        _check_writable(folder, option)
+        check_writable(folder, option, create=False)  # nothing is created before the checks pass
 
 
 def remove_debris(opts, min_age_s: float = 60.0) -> None:
@@ -195,13 +195,6 @@ def remove_debris(opts, min_age_s: float = 60.0) -> None:
     a run writing right now)."""
     for folder in (opts.checkpoint, os.path.join(opts.checkpoint, "thresholds"), "results"):
         remove_orphan_temp_files(folder, min_age_s=min_age_s)
-
-
-def _check_writable(folder, option):
-    try:
-        check_writable(folder, option, create=False)  # nothing is created before the checks pass
-    except ValueError as error:
-        raise UserError(str(error)) from None
 
 
 def freeze(model):

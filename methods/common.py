@@ -1,4 +1,5 @@
-"""Pieces several methods share: the optimiser groups and the ``--name`` / ``--no_name`` switch."""
+"""Pieces several methods share: the optimiser groups, the ``--name`` / ``--no_name`` switches and
+the one ``--help`` section of the techniques (NeST, EWF)."""
 from __future__ import annotations
 
 import argparse
@@ -39,3 +40,22 @@ def default_param_groups(model, opts, step: int) -> list:
     if getattr(model, "scalar", None) is not None:
         add([model.scalar], head_lr)
     return groups
+
+
+TECHNIQUES_TITLE = "Techniques (--method BASE+NeST sets --nest; BASE+EWF sets --weight_fusion --fix_pre_cls)"
+
+
+def technique_group(parser):
+    """The ``--help`` section shared by the techniques (created on first use): one heading for
+    NeST's and EWF's options keeps the help short."""
+    for group in parser._action_groups:
+        if group.title == TECHNIQUES_TITLE:
+            return group
+    return parser.add_argument_group(TECHNIQUES_TITLE)
+
+
+def hidden_switch(group, name) -> None:
+    """``--name`` / ``--no_name`` on one destination, both left out of ``--help`` (set by a preset
+    or an expert switch; the README lists them)."""
+    group.add_argument(f"--{name}", dest=name, action="store_true", default=False, help=argparse.SUPPRESS)
+    group.add_argument(f"--no_{name}", dest=name, action="store_false", default=False, help=argparse.SUPPRESS)

@@ -21,8 +21,7 @@ no update, no weight decay and no momentum. Fusing them then only undoes what th
 initialisation moved (MiB's balanced init shifts the background bias by ``−log(N_new + 1)``; the
 fused bias is ``b − α·log(N_new + 1)``).
 
-This module holds the option group that EWF shares with NeST (one "Techniques" section of
-``--help``); the tensor functions are in ``utils/ewf.py``.
+The tensor functions are in ``utils/ewf.py``.
 """
 from __future__ import annotations
 
@@ -31,28 +30,11 @@ import os
 
 from methods import register_component, register_method
 from methods.base import Component, MethodSpec, StepInfo
-from methods.common import add_switch
+from methods.common import add_switch, hidden_switch, technique_group
 from utils import ewf as ewf_utils
 from utils.checkpoint import load_checkpoint
 
-TECHNIQUES_TITLE = "Techniques (--method BASE+NeST sets --nest; BASE+EWF sets --weight_fusion --fix_pre_cls)"
 EWF_ONLY = ("ewf_alpha", "ewf_threshold_fraction", "ewf_keep_unfused")
-
-
-def technique_group(parser):
-    """The ``--help`` section shared by the techniques (created on first use): one heading for
-    NeST's and EWF's options keeps the help short."""
-    for group in parser._action_groups:
-        if group.title == TECHNIQUES_TITLE:
-            return group
-    return parser.add_argument_group(TECHNIQUES_TITLE)
-
-
-def hidden_switch(group, name) -> None:
-    """``--name`` / ``--no_name`` on one destination, both left out of ``--help`` (set by a preset
-    or an expert switch; the README lists them)."""
-    group.add_argument(f"--{name}", dest=name, action="store_true", default=False, help=argparse.SUPPRESS)
-    group.add_argument(f"--no_{name}", dest=name, action="store_false", default=False, help=argparse.SUPPRESS)
 
 
 def fusion_alpha(opts, classes) -> float:

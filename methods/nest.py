@@ -30,7 +30,7 @@ import argparse
 
 from methods import register_component, register_method
 from methods.base import Component, MethodSpec, StepInfo
-from methods.ewf import hidden_switch, technique_group
+from methods.common import hidden_switch, technique_group
 from utils import nest as nest_utils
 
 NEST_ONLY = {"nest_epochs": None, "nest_lr_scale": None, "nest_loss": None, "nest_unkd": None, "nest_grid": None,

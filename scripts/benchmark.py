@@ -91,11 +91,17 @@ def _cuda():
 # worker: one method in this process
 # ---------------------------------------------------------------------------------------------
 def method_options(args, method):
+    """``method``'s options at step 1 of ``args.task`` on VOC, with the learning rate and extra
+    options of its VOC sweep script (``methods.sweep_settings``): DKD's head runs at 10x a rate of
+    1e-4, and at the generic default (7e-3) its loss leaves float range within a few steps."""
     import argparser
+    import methods
 
+    sweep = methods.sweep_settings(method, "voc", args.task)
     argv = ["--method", method, "--model", args.model, "--no_pretrained", "--dataset", "voc",
             "--task", args.task, "--step", "1", "--crop_size", str(args.crop_size),
-            "--batch_size", str(args.batch_size), "--opt_level", args.opt_level, "--no_progress"]
+            "--batch_size", str(args.batch_size), "--opt_level", args.opt_level, "--no_progress",
+            "--lr", str(sweep["lr"]), *sweep["args"]]
     return argparser.parse_options(argv)
 
 

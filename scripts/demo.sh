@@ -7,10 +7,16 @@
 #      printing the base / new / all test mIoU after each step.
 # Environment: METHOD (SATS), MODEL (segformer_b0), EPOCHS0 / EPOCHS (epochs of step 0 / 1),
 # LR0 / LR, BATCH_SIZE, NAME, DEMO_ROOT (demo_data). Step 0 is reused when its checkpoint exists.
+# PYTHON=/path/to/python runs with that interpreter as it is (no .venv set-up: for a machine
+# without network access whose Python has the requirements, as scripts/gpu_check.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source utils.sh
-set -euo pipefail
+if [[ -n "${PYTHON:-}" ]]; then
+  python() { "$PYTHON" "$@"; }
+else
+  source utils.sh
+  set -euo pipefail
+fi
 
 METHOD=${METHOD:-SATS}
 MODEL=${MODEL:-segformer_b0}

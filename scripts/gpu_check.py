@@ -58,9 +58,9 @@ QUICK = dict(model="segformer_b0", crop_size=256, batch_size=4, iterations=10, s
 
 def all_methods() -> list:
     """Every method the check covers: the base methods, then their ``-M`` (memory) variants."""
-    import argparser
+    import methods
 
-    return list(argparser.METHODS) + [f"{m}-M" for m in argparser.MEMORY_METHODS]
+    return methods.names() + [f"{m}-M" for m in methods.memory_names()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,3 +76,26 @@ def test_data_pipeline_settings_are_checked():
         LoaderBenchmark(workers=(0, -1)).check()
     with pytest.raises(ValueError, match="--feed_images_per_s"):
         LoaderBenchmark(feed_images_per_s=0.0).check()
+
+
+@pytest.mark.parametrize("method, lr, extra", [("DKD", 1e-4, {}), ("LWF-MC", 1e-3, {}), ("SATS", 1e-3, {}),
+                                               ("MiB+NeST", 1e-3, {"loss_kd": 10.0})])
+def test_each_method_runs_at_the_learning_rate_of_its_voc_sweep(method, lr, extra):
+    """At the generic default (7e-3) DKD's 10x head and LWF-MC's summed BCE left float range within
+    a few iterations of the GPU check; their scripts' rates are what a user runs."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+
+    opts = benchmark.method_options(benchmark.get_args(["--methods", method]), method)
+    assert opts.lr == [lr]
+    for key, value in extra.items():
+        assert getattr(opts, key) == value
+
+
+def test_an_unknown_method_is_an_argument_error():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.get_args(["--methods", "Foo"])
+    assert exit_.value.code == 2
