@@ -303,7 +303,41 @@ def measure_method(args, method, device):
     }
     if args.eval_only or method == "FT":
         result["eval_images_per_s"] = eval_throughput(model, batches, device, opts)
+    if getattr(opts, "nest", False):  # after the timed steps: it installs a classifier in the model
+        result["nest"] = nest_pretuning_cost(opts, model, old, batches[args.warmup:], device)
     return result
+
+
+def nest_pretuning_cost(opts, model, old, batches, device) -> dict:
+    """NeST's once-per-step cost on ``batches``: the old model's selection pass and one pre-tuning
+    epoch, in seconds per batch, with the pre-tuning epochs NeST runs on VOC and the training epochs
+    of the method's VOC sweep (what the README's overhead figure is made of)."""
+    import dataclasses
+
+    import methods
+    from utils import nest as nest_utils
+
+    settings = nest_utils.NestSettings.from_options(opts)
+    pairs = [(images, labels) for images, labels, _ in batches]
+    _sync(device)
+    t0 = time.perf_counter()
+    statistics = nest_utils.selection_statistics(old, pairs, device, model.classes, settings.grid,
+                                                 empty_class="uniform")
+    _sync(device)
+    t1 = time.perf_counter()
+    nest_utils.pretune_classifier(dataclasses.replace(settings, epochs=1), model, old, pairs, device, statistics)
+    _sync(device)
+    t2 = time.perf_counter()
+    train_epochs = methods.sweep_settings(opts.method_label, "voc", opts.task)["epochs"]
+    return {"selection_s_per_batch": (t1 - t0) / len(pairs), "pretune_s_per_batch": (t2 - t1) / len(pairs),
+            "pretune_epochs": settings.epochs, "train_epochs": train_epochs}
+
+
+def nest_overhead(nest: dict, ft_step_s: float) -> float:
+    """NeST's extra time over a step's training: (selection + epochs x pre-tuning) / (training
+    epochs x an FT step), per batch (FT as the base method's stand-in)."""
+    extra = nest["selection_s_per_batch"] + nest["pretune_epochs"] * nest["pretune_s_per_batch"]
+    return extra / (nest["train_epochs"] * ft_step_s)
 
 
 def eval_throughput(model, batches, device, opts):
@@ -452,6 +486,14 @@ def print_table(report):
               f"{r['images_per_s']:>7.2f} {r['peak_mem_mb']:>8.0f}  {shares}")
     if report.get("eval_images_per_s"):
         print(f"evaluation: {report['eval_images_per_s']:.1f} images/s")
+    ft = report["methods"].get("FT")
+    for m, r in report["methods"].items():
+        if r.get("nest") and ft:
+            n = r["nest"]
+            print(f"{m}: NeST before each step: selection {n['selection_s_per_batch']:.3f} s/batch, pre-tuning "
+                  f"{n['pretune_s_per_batch']:.3f} s/batch/epoch; {n['pretune_epochs']} pre-tuning epochs before "
+                  f"{n['train_epochs']} training epochs add {100 * nest_overhead(n, ft['step_s_median']):.1f} % "
+                  f"(FT's step as the unit)")
     if report.get("skipped"):
         print(f"skipped (out of time): {', '.join(report['skipped'])}")
     if report.get("failed"):

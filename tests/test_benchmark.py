@@ -99,3 +99,22 @@ def test_an_unknown_method_is_an_argument_error():
     with pytest.raises(SystemExit) as exit_:
         benchmark.get_args(["--methods", "Foo"])
     assert exit_.value.code == 2
+
+
+def test_nest_pretuning_cost_is_measured_and_reported(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "segformer_b0",
+           "--crop_size", "64", "--batch_size", "2", "--steps", "2", "--warmup", "1", "--threads", "1",
+           "--methods", "MiB+NeST", "--json", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    nest = report["methods"]["MiB+NeST"]["nest"]
+    assert nest["selection_s_per_batch"] > 0 and nest["pretune_s_per_batch"] > 0
+    assert (nest["pretune_epochs"], nest["train_epochs"]) == (5, 30)  # VOC's NeST default, MiB's VOC sweep
+    assert "nest" not in report["methods"]["FT"]
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+
+    overhead = benchmark.nest_overhead(nest, report["methods"]["FT"]["step_s_median"])
+    assert f"add {100 * overhead:.1f} %" in done.stdout
