@@ -242,9 +242,10 @@ def _run_step(opts, step, device, rank, world, logger):
             model_old.to(device)
             trainer_state = load_previous_step(opts, step, model, model_old, logger).get("trainer_state")
             freeze(model_old)
+        resumed_ckpt = read_resume_checkpoint(opts, logger) if opts.ckpt is not None else None
         logger.start()
         ckpt_file = train_step(opts, step, model, model_old, trainer_state, classes, device, rank, world,
-                               logger, train_loader, val_loader, train_dst, n_classes)
+                               logger, train_loader, val_loader, train_dst, n_classes, resumed_ckpt)
 
     # Test the saved file itself: what is carried to the next step is exactly what is scored.
     test_file = opts.ckpt if opts.test and opts.ckpt else ckpt_file
@@ -295,15 +296,15 @@ class StepRun:
 
 
 def train_step(opts, step, model, model_old, trainer_state, classes, device, rank, world, logger,
-               train_loader, val_loader, train_dst, n_classes):
+               train_loader, val_loader, train_dst, n_classes, resumed_ckpt=None):
     os.makedirs(opts.checkpoint, exist_ok=True)
     run = StepRun(opts, step, device, rank, world, logger, list(classes), model=model, model_old=model_old,
                   train_loader=train_loader, checkpoint=checkpoint_path(opts, step),
                   previous_checkpoint=previous_checkpoint_path(opts, step) if step > 0 else None)
     recipe = methods.build_recipe(opts, step, classes)
     run.recipe = recipe
-    if opts.ckpt is not None and os.path.isfile(opts.ckpt):  # hooks may need to know what was done already
-        run.resumed_state = dict(load_checkpoint(opts.ckpt).get("methods") or {})
+    if resumed_ckpt is not None:  # hooks may need to know what was done already
+        run.resumed_state = dict(resumed_ckpt.get("methods") or {})
     if step > 0 and recipe.init_classifier is not None:
         recipe.init_classifier(model, logger)
     if opts.fix_bn:
@@ -326,9 +327,8 @@ def train_step(opts, step, model, model_old, trainer_state, classes, device, ran
     run.trainer = trainer
 
     begin_epoch, best_score = 0, 0.0
-    if opts.ckpt is not None:
-        begin_epoch, best_score = resume(opts, opts.ckpt, model, optimizer, scheduler, scaler, trainer,
-                                         classes, logger)
+    if resumed_ckpt is not None:
+        begin_epoch, best_score = resume(resumed_ckpt, opts, model, optimizer, scheduler, scaler, trainer, logger)
         run.resumed = True
 
     exemplar_loader = build_memory_loader(opts, step, model_old, train_dst, device, rank, world, logger)
@@ -412,11 +412,20 @@ def save_checkpoint(run, epoch, optimizer, scheduler, scaler, best_score):
     save_atomic(state, run.checkpoint)
 
 
-def resume(opts, path, model, optimizer, scheduler, scaler, trainer, classes, logger):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--ckpt {path} does not exist")
-    ckpt = load_checkpoint(path)
-    check_checkpoint_identity(ckpt, opts, opts.step, path, logger)
+def read_resume_checkpoint(opts, logger) -> dict:
+    """The ``--ckpt`` file a training step resumes from, read once and checked (present, readable,
+    of this run's dataset, class order and model) before anything of the step is created."""
+    if not os.path.isfile(opts.ckpt):
+        raise FileNotFoundError(f"--ckpt {opts.ckpt} does not exist")
+    ckpt = load_checkpoint(opts.ckpt)
+    check_checkpoint_identity(ckpt, opts, opts.step, opts.ckpt, logger)
+    return ckpt
+
+
+def resume(ckpt, opts, model, optimizer, scheduler, scaler, trainer, logger):
+    """Restore the model, optimiser, schedule, AMP scaler and trainer state of ``ckpt`` (from
+    :func:`read_resume_checkpoint`); returns ``(first epoch to train, best score so far)``."""
+    path = opts.ckpt
     _load_weights(unwrap(model), strip_prefix(ckpt["model_state"]), path, opts, strict=True)
     if "optimizer_state" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer_state"])

@@ -272,6 +272,19 @@ def test_a_test_only_run_without_its_checkpoint_names_ckpt(voc, tmp_path, capsys
     assert not leftovers(tmp_path)
 
 
+def test_resuming_from_a_missing_checkpoint_names_it_before_anything_is_created(voc, tmp_path, capsys):
+    status, err = probe(base_args(voc, "res") + ["--ckpt", tmp_path / "gone.pth"], tmp_path, capsys)
+    assert_user_error(status, err, "--ckpt", "gone.pth")
+    assert not leftovers(tmp_path)
+
+
+def test_resuming_from_a_checkpoint_of_another_class_order_is_refused(voc, step0, tmp_path, capsys):
+    args = base_args(voc, "res") + ["--task", "15-5s_b", "--step", "0", "--ckpt", step0]
+    status, err = probe(args, tmp_path, capsys)
+    assert_user_error(status, err, str(step0), "labels")
+    assert not leftovers(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------
 # unreadable samples: left out, counted, reported; never replaced
 # --------------------------------------------------------------------------------------------
