@@ -115,6 +115,7 @@ class SSUL(Component):
 
 
 register_component(SSUL())
+CLOVAAI_STEP0_RATES = ("--lr_body0", "0.001", "--lr_head0", "0.01")
 # clovaai/SSUL's run.sh: --loss_type bce_loss --pseudo --pseudo_thresh 0.7 --freeze --bn_freeze
 # --unknown --w_transfer
 register_method(MethodSpec(
@@ -124,6 +125,7 @@ register_method(MethodSpec(
                     "lr_body0": 0.001, "lr_head0": 0.01},
     step0_family="ssul", memory=True, order=9, summary="unknown class + frozen network + BCE",
     # clovaai/SSUL's README: VOC 50 epochs lr 0.01, ADE 100 epochs lr 0.05 with warm_poly
-    sweep={"voc": {"epochs": 50, "lr0": 0.01, "lr": 0.01},
+    # (step 0 spells out the preset's two rates so that a dry run shows what step 0 trains with)
+    sweep={"voc": {"epochs": 50, "lr0": 0.01, "lr": 0.01, "step0_args": list(CLOVAAI_STEP0_RATES)},
            "ade": {"epochs": 100, "lr0": 0.05, "lr": 0.05, "args": ["--lr_policy", "warm_poly"],
-                   "step0_args": ["--lr_policy", "warm_poly"]}}))
+                   "step0_args": ["--lr_policy", "warm_poly", *CLOVAAI_STEP0_RATES]}}))

@@ -143,6 +143,14 @@ def test_ssul_on_ade_uses_clovaai_values():
             option(args, "--epochs")) == ("50", "1", "0.05", "100")
 
 
+@pytest.mark.parametrize("script, policy", [("voc/ssul_15-1.sh", None), ("ade/ssul_100-10.sh", "warm_poly")])
+def test_a_dry_run_shows_clovaai_step0_rates(script, policy):
+    step0 = run_py_args(dry_run(script)[0])
+    assert option(step0, "--step") == "0"
+    assert (option(step0, "--lr_body0"), option(step0, "--lr_head0")) == ("0.001", "0.01")
+    assert option(step0, "--lr_policy") == policy
+
+
 @pytest.mark.parametrize("script", [f"voc/{m}_15-1.sh" for m in METHODS]
                          + [f"ade/{m}_100-10.sh" for m in METHODS])
 def test_every_printed_command_is_accepted_by_the_argparser(script, monkeypatch):
