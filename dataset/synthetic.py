@@ -29,7 +29,6 @@ the tree depends only on the arguments, not on the number of worker processes.
 
 from __future__ import annotations
 
-
 import colorsys
 import json
 import multiprocessing
