@@ -68,7 +68,7 @@ def all_methods() -> list:
 # ---------------------------------------------------------------------------------------------
 def get_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="scripts/gpu_check.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default="gpu_check.json", help="report file (default gpu_check.json)")
     p.add_argument("--budget_s", type=float, default=480.0,
                    help="time for the whole check; what would start later is skipped (default 480)")

@@ -126,9 +126,10 @@ def test_a_crop_too_small_for_segformer_names_the_minimum(voc, tmp_path, capsys)
 # --------------------------------------------------------------------------------------------
 # output folders
 # --------------------------------------------------------------------------------------------
-def test_an_unwritable_checkpoint_folder_is_found_before_training(voc, tmp_path, capsys):
-    status, err = probe(base_args(voc, "ro") + ["--checkpoint", UNWRITABLE], tmp_path, capsys)
-    assert_user_error(status, err, "--checkpoint", UNWRITABLE)
+@pytest.mark.parametrize("option", ["--checkpoint", "--logdir"])
+def test_an_unwritable_output_folder_is_found_before_training(voc, tmp_path, capsys, option):
+    status, err = probe(base_args(voc, "ro") + [option, UNWRITABLE], tmp_path, capsys)
+    assert_user_error(status, err, option, UNWRITABLE)
     assert not leftovers(tmp_path, data=True)
 
 
@@ -136,12 +137,6 @@ def test_a_checkpoint_option_naming_a_file_is_refused(voc, tmp_path, capsys):
     (tmp_path / "ckpt.txt").write_text("a file, not a folder\n")
     status, err = probe(base_args(voc, "file") + ["--checkpoint", "ckpt.txt"], tmp_path, capsys)
     assert_user_error(status, err, "--checkpoint", "ckpt.txt")
-    assert not leftovers(tmp_path, data=True)
-
-
-def test_an_unwritable_log_folder_is_found_before_training(voc, tmp_path, capsys):
-    status, err = probe(base_args(voc, "ro") + ["--logdir", UNWRITABLE], tmp_path, capsys)
-    assert_user_error(status, err, "--logdir", UNWRITABLE)
     assert not leftovers(tmp_path, data=True)
 
 

@@ -10,6 +10,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def benchmark_module():
+    """``scripts/benchmark.py`` imported as a module."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+
+    return benchmark
+
+
 def test_benchmark_reports_every_method_with_ft_as_reference(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "segformer_b0",
@@ -83,9 +92,7 @@ def test_data_pipeline_settings_are_checked():
 def test_each_method_runs_at_the_learning_rate_of_its_voc_sweep(method, lr, extra):
     """At the generic default (7e-3) DKD's 10x head and LWF-MC's summed BCE left float range within
     a few iterations of the GPU check; their scripts' rates are what a user runs."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import benchmark
-
+    benchmark = benchmark_module()
     opts = benchmark.method_options(benchmark.get_args(["--methods", method]), method)
     assert opts.lr == [lr]
     for key, value in extra.items():
@@ -93,9 +100,7 @@ def test_each_method_runs_at_the_learning_rate_of_its_voc_sweep(method, lr, extr
 
 
 def test_an_unknown_method_is_an_argument_error():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import benchmark
-
+    benchmark = benchmark_module()
     with pytest.raises(SystemExit) as exit_:
         benchmark.get_args(["--methods", "Foo"])
     assert exit_.value.code == 2
@@ -113,8 +118,6 @@ def test_nest_pretuning_cost_is_measured_and_reported(tmp_path):
     assert nest["selection_s_per_batch"] > 0 and nest["pretune_s_per_batch"] > 0
     assert (nest["pretune_epochs"], nest["train_epochs"]) == (5, 30)  # VOC's NeST default, MiB's VOC sweep
     assert "nest" not in report["methods"]["FT"]
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import benchmark
-
+    benchmark = benchmark_module()
     overhead = benchmark.nest_overhead(nest, report["methods"]["FT"]["step_s_median"])
     assert f"add {100 * overhead:.1f} %" in done.stdout
