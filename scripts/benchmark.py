@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from utils.errors import ArgumentParser  # noqa: E402
 
-DEFAULT_METHODS = ["FT", "LWF", "ILT", "EWC", "MiB", "PLOP", "SSUL", "SATS"]
+DEFAULT_METHODS = ["FT", "LWF", "ILT", "EWC", "MiB", "PLOP", "SSUL", "SATS", "DKD", "SATS+NeST"]
 
 
 def get_args(argv=None):

@@ -180,6 +180,31 @@ def test_sats_head_equals_sats_upsample_by_powers_of_two():
         head([feats[0], torch.randn(2, 4, 8, 12), feats[2], feats[3]])
 
 
+@pytest.mark.parametrize("channels, height, width, ratio", [
+    (256, 64, 64, 2), (256, 64, 64, 4), (21, 16, 24, 8), (21, 24, 24, 4)])
+def test_nearest_upsampled_add_has_the_broadcast_forms_bits(channels, height, width, ratio):
+    """The head's CPU upsample-and-add: values and both gradients are the same bits as the plain
+    broadcast form's (its backward sums blocks in the order of torch's reduction)."""
+    from modules.segformer_head import _add_nearest_upsampled
+
+    torch.manual_seed(ratio + channels)
+    out = torch.randn(2, channels, height, width, requires_grad=True)
+    x = torch.randn(2, channels, height // ratio, width // ratio, requires_grad=True)
+    grad = torch.randn(2, channels, height, width)
+    got = _add_nearest_upsampled(out, x, (height, width))
+    blocks = out.view(2, channels, height // ratio, ratio, width // ratio, ratio)
+    want = (blocks + x[:, :, :, None, :, None]).view_as(out)
+    assert torch.equal(got, want)
+    assert torch.equal(got, out + F.interpolate(x, size=(height, width), mode="nearest"))
+    for g_got, g_want in zip(torch.autograd.grad(got, (out, x), grad), torch.autograd.grad(want, (out, x), grad)):
+        assert torch.equal(g_got, g_want)
+    x_half = x.detach().bfloat16().requires_grad_()
+    half = _add_nearest_upsampled(out.detach().bfloat16(), x_half, (height, width))
+    (g_half,) = torch.autograd.grad(half, x_half, grad.bfloat16())
+    assert g_half.dtype == torch.bfloat16
+    assert torch.allclose(g_half.float(), torch.autograd.grad(want, x, grad)[0], rtol=1e-2, atol=0.1)
+
+
 @pytest.mark.parametrize("size", [(64, 64), (96, 128)])
 def test_deeplab_forward_and_extras(size):
     torch.manual_seed(0)
