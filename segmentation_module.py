@@ -168,12 +168,12 @@ class IncrementalSegmentationModule(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, ret_intermediate: bool = False, wants: Iterable[str] | None = None, only_bg: bool = False):
         requested = self._requested_extras(ret_intermediate, wants)
-        fold = not only_bg and self._folds_classifier(requested)
+        fold = not only_bg and self._folds_classifier()
         features = self._features(x, with_attn_maps="attn_maps" in requested,
-                                  project=self._classifier_map() if fold else None)
+                                  project=self._classifier_map() if fold else None,
+                                  plain=not fold or bool({"pre_logits", "attentions"} & set(requested)))
         if fold:
-            small = features["pre_logits"]
-            features["pre_logits"] = None  # never materialised (not requested)
+            small = features.pop("projected")
         elif only_bg:
             small = self.cls[0](features["pre_logits"])
         else:
@@ -182,12 +182,12 @@ class IncrementalSegmentationModule(nn.Module):
         features["sem_logits_small"] = small
         return logits, {name: features[name] for name in requested}
 
-    def _folds_classifier(self, requested) -> bool:
-        """SATS's head and plain 1×1 classifiers are all linear: the classifiers can be folded into
-        the head's per-stage maps (same function, ~C/256 of the head's work) unless someone reads
-        the head output itself."""
-        return (isinstance(self.head, SATSHead) and not self.use_cosine and self.nb_background_modes == 1
-                and not {"pre_logits", "attentions"} & set(requested))
+    def _folds_classifier(self) -> bool:
+        """SATS's head and plain 1×1 classifiers are all linear: the classifiers are folded into
+        the head's per-stage maps (same function, ~C/256 of the head's work). Whoever reads the
+        head output itself (POD) gets it computed beside the folded logits, which is still cheaper
+        than classifying it (a 256 → C conv at stride 4, forward and backward)."""
+        return isinstance(self.head, SATSHead) and not self.use_cosine and self.nb_background_modes == 1
 
     def _classifier_map(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All classifiers as one matrix (tot_classes × channels) and bias, in channel order."""
@@ -207,7 +207,9 @@ class IncrementalSegmentationModule(nn.Module):
             raise ValueError("'attn_maps' (encoder self-attention) exists only for SegFormer models, not DeepLab")
         return requested
 
-    def _features(self, x: torch.Tensor, with_attn_maps: bool, project=None) -> dict:
+    def _features(self, x: torch.Tensor, with_attn_maps: bool, project=None, plain: bool = True) -> dict:
+        """The intermediate outputs; ``pre_logits`` is the head output (None unless ``plain``),
+        ``projected`` the head with ``project`` folded in (SATS head only, None without)."""
         if x.dim() != 4:
             raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
         attn_maps = None
@@ -216,11 +218,12 @@ class IncrementalSegmentationModule(nn.Module):
                 stages, attn_maps = self.body(x, return_attentions=True)
             else:
                 stages = self.body(x)
-            pre_logits = self.head(stages, project=project) if project is not None else self.head(stages)
+            pre_logits = self.head(stages) if plain else None
+            projected = self.head(stages, project=project) if project is not None else None
             body_out, pyramid, featuremaps = stages[-1], list(stages), list(stages)
         else:
             body_out, pyramid = self.body(x)
-            pre_logits = self.head(body_out)
+            pre_logits, projected = self.head(body_out), None
             pyramid = list(pyramid)
             featuremaps = pyramid + [pre_logits]
         return {
@@ -229,6 +232,7 @@ class IncrementalSegmentationModule(nn.Module):
             "attentions": pyramid + [pre_logits],
             "featuremaps": featuremaps,
             "attn_maps": attn_maps,
+            "projected": projected,
         }
 
     def _classify(self, pre_logits: torch.Tensor) -> torch.Tensor:

@@ -91,93 +91,43 @@ def test_logits_are_classifiers_in_step_order(b0_model):
 
 
 def test_folded_classifiers_give_the_unfolded_logits_and_gradients():
-    """Without a request for the head output, the classifiers are folded into SATS's head."""
+    """The classifiers are folded into SATS's head, also when the head output is requested (POD):
+    the logits and every gradient are those of classifying the head output."""
     torch.manual_seed(0)
     model = make_model(opts(), [16, 2, 3]).train()
+    assert model._folds_classifier()
     x = torch.randn(2, 3, 64, 96)
     weights = torch.randn(2, 21, 64, 96)
+
+    def unfolded(x):
+        small = model._classify(model.head(model.body(x)))
+        return F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False), {}
+
     grads = []
-    for wants in ([], ["pre_logits"]):  # folded, then the published order
-        assert model._folds_classifier(wants) == (wants == [])
+    for forward in (lambda x: model(x), lambda x: model(x, wants=["pre_logits"]), unfolded):
         model.zero_grad()
         torch.manual_seed(1)  # the same drop-path draws
-        logits, _ = model(x, wants=wants)
+        logits, _ = forward(x)
         (logits * weights).sum().backward()
         grads.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (folded, g_folded), (unfolded, g_unfolded) = grads
-    assert torch.allclose(folded, unfolded, atol=1e-5)
-    for name, grad in g_unfolded.items():
-        assert torch.allclose(g_folded[name], grad, rtol=1e-3, atol=1e-4), name
+    (want, g_want) = grads[-1]
+    for got, g_got in grads[:-1]:
+        assert torch.allclose(got, want, atol=1e-5)
+        for name, grad in g_want.items():
+            assert torch.allclose(g_got[name], grad, rtol=1e-3, atol=1e-4), name
 
 
-# ----------------------------------------------------------------------- names
-def sats_head_shapes(dims):
-    shapes = {}
-    for i, c in enumerate(dims):
-        shapes[f"head.to_fused.{i}.0.weight"] = [256, c, 1, 1]
-        shapes[f"head.to_fused.{i}.0.bias"] = [256]
-    shapes["head.to_segmentation.weight"] = [256, 1024, 1, 1]
-    shapes["head.to_segmentation.bias"] = [256]
-    return shapes
-
-
-def test_segformer_b2_state_dict_is_sats_layout():
-    with torch.device("meta"):
-        model = make_model(opts(model="segformer"), [16, 1])
-    expected = {f"body.mit.{k}": v for k, v in MIT["mit_b2"]["state_dict"].items()}
-    expected.update(sats_head_shapes((64, 128, 320, 512)))
-    expected.update({"cls.0.weight": [16, 256, 1, 1], "cls.0.bias": [16], "cls.1.weight": [1, 256, 1, 1], "cls.1.bias": [1]})
-    assert without_counters(model.state_dict()) == expected
-    assert sum(p.numel() for p in model.head.parameters()) == 525_568
-
-
-def test_mlp_head_official_names():
-    with torch.device("meta"):
-        model = make_model(opts(model="segformer_b2", segformer_head="mlp"), [21])
-    head = {k: list(v.shape) for k, v in model.head.state_dict().items()}
-    expected = {}
-    for i, c in enumerate((64, 128, 320, 512)):
-        expected[f"linear_c{i + 1}.proj.weight"] = [768, c]
-        expected[f"linear_c{i + 1}.proj.bias"] = [768]
-    expected["linear_fuse.conv.weight"] = [768, 3072, 1, 1]
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        expected[f"linear_fuse.bn.{name}"] = [768]
-    expected["linear_fuse.bn.num_batches_tracked"] = []
-    assert head == expected
-    assert model.cls[0].in_channels == 768
-    assert isinstance(model.head.dropout, nn.Dropout2d) and model.head.dropout.p == 0.1
-
-
-def test_mlp_head_computation():
-    head = SegFormerMLPHead((4, 6), embed_dim=5).eval()
-    feats = [torch.randn(1, 4, 8, 8), torch.randn(1, 6, 4, 4)]
+def test_requested_head_output_is_the_plain_head_map():
+    torch.manual_seed(0)
+    model = make_model(opts(), [16, 5]).eval()
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        c1 = torch.einsum("bchw,ec->behw", feats[0], head.linear_c1.proj.weight) + head.linear_c1.proj.bias[:, None, None]
-        c2 = torch.einsum("bchw,ec->behw", feats[1], head.linear_c2.proj.weight) + head.linear_c2.proj.bias[:, None, None]
-        c2 = F.interpolate(c2, size=(8, 8), mode="bilinear", align_corners=False)
-        fuse = head.linear_fuse
-        expected = torch.relu(fuse.bn(F.conv2d(torch.cat([c2, c1], 1), fuse.conv.weight)))
-        assert torch.allclose(head(feats), expected, atol=1e-6)
-
-
-def test_sats_head_equals_sats_upsample_by_powers_of_two():
-    head = SATSHead((3, 5, 7, 9), channels=4).double()
-    feats = [torch.randn(2, c, 16 // 2 ** i, 24 // 2 ** i, dtype=torch.float64, requires_grad=True)
-             for i, c in enumerate((3, 5, 7, 9))]
-    # SATS's order: upsample by 2**i, concatenate, fuse
-    fused = [nn.Upsample(scale_factor=2 ** i)(head.to_fused[i][0](f)) for i, f in enumerate(feats)]
-    expected = head.to_segmentation(torch.cat(fused, dim=1))
-    assert torch.equal(head.forward_reference(feats), expected)
-    # forward evaluates the same linear map per stage before upsampling: equal up to rounding,
-    # gradients for every weight and input included
-    out = head(feats)
-    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
-    inputs = list(head.parameters()) + feats
-    for got, want in zip(torch.autograd.grad(out.square().sum(), inputs),
-                         torch.autograd.grad(expected.square().sum(), inputs)):
-        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match="stage 1"):
-        head([feats[0], torch.randn(2, 4, 8, 12), feats[2], feats[3]])
+        logits, extras = model(x, wants=["pre_logits", "attentions", "sem_logits_small"])
+        stages = model.body(x)
+        assert torch.equal(extras["pre_logits"], model.head(stages))
+        assert extras["attentions"][-1] is extras["pre_logits"]
+        assert torch.allclose(extras["sem_logits_small"], model._classify(extras["pre_logits"]), atol=1e-5)
+        assert torch.equal(logits, model(x)[0])
 
 
 @pytest.mark.parametrize("channels, height, width, ratio", [

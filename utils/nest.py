@@ -360,7 +360,7 @@ def pretune_logits(model, images: torch.Tensor, weight: torch.Tensor, bias: torc
     if fold is None:
         fold = _head_folds(model)
     if fold:
-        small = model._features(images, with_attn_maps=False, project=(weight, bias))["pre_logits"]
+        small = model._features(images, with_attn_maps=False, project=(weight, bias), plain=False)["projected"]
     else:
         pre_logits = model._features(images, with_attn_maps=False)["pre_logits"]
         small = F.conv2d(pre_logits, weight[:, :, None, None], bias)
