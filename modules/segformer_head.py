@@ -112,10 +112,10 @@ class _AddNearestUpsampled(torch.autograd.Function):
     Forward: ``x`` repeated ``kw`` times along the width, added to each of the ``kh`` rows of its
     block (the same single addition per element as the broadcast form). Backward: ``x``'s gradient
     is the sum of each ``kh × kw`` block of the incoming gradient, taken row by row (each row's
-    ``kw`` values in order, then the ``kh`` row sums in order) — the order of torch's CPU
-    reduction over the two short block axes, so the gradients are the same bits — as strided
-    additions, which that reduction is much slower than (4×256×64² map, 2×2 blocks: 12.5 ms
-    against 0.5 ms). Half-precision gradients are summed in float32."""
+    ``kw`` values in order, then the ``kh`` row sums in order), as strided additions. That is the
+    order of torch's CPU reduction over the two short block axes (the head's shapes give the same
+    bits, tested), which takes 12.5 ms where this takes 0.5 ms (4×256×64² map, 2×2 blocks).
+    Half-precision gradients are summed in float32."""
 
     @staticmethod
     def forward(ctx, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
