@@ -130,6 +130,76 @@ def test_requested_head_output_is_the_plain_head_map():
         assert torch.equal(logits, model(x)[0])
 
 
+# ----------------------------------------------------------------------- names
+def sats_head_shapes(dims):
+    shapes = {}
+    for i, c in enumerate(dims):
+        shapes[f"head.to_fused.{i}.0.weight"] = [256, c, 1, 1]
+        shapes[f"head.to_fused.{i}.0.bias"] = [256]
+    shapes["head.to_segmentation.weight"] = [256, 1024, 1, 1]
+    shapes["head.to_segmentation.bias"] = [256]
+    return shapes
+
+
+def test_segformer_b2_state_dict_is_sats_layout():
+    with torch.device("meta"):
+        model = make_model(opts(model="segformer"), [16, 1])
+    expected = {f"body.mit.{k}": v for k, v in MIT["mit_b2"]["state_dict"].items()}
+    expected.update(sats_head_shapes((64, 128, 320, 512)))
+    expected.update({"cls.0.weight": [16, 256, 1, 1], "cls.0.bias": [16], "cls.1.weight": [1, 256, 1, 1], "cls.1.bias": [1]})
+    assert without_counters(model.state_dict()) == expected
+    assert sum(p.numel() for p in model.head.parameters()) == 525_568
+
+
+def test_mlp_head_official_names():
+    with torch.device("meta"):
+        model = make_model(opts(model="segformer_b2", segformer_head="mlp"), [21])
+    head = {k: list(v.shape) for k, v in model.head.state_dict().items()}
+    expected = {}
+    for i, c in enumerate((64, 128, 320, 512)):
+        expected[f"linear_c{i + 1}.proj.weight"] = [768, c]
+        expected[f"linear_c{i + 1}.proj.bias"] = [768]
+    expected["linear_fuse.conv.weight"] = [768, 3072, 1, 1]
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        expected[f"linear_fuse.bn.{name}"] = [768]
+    expected["linear_fuse.bn.num_batches_tracked"] = []
+    assert head == expected
+    assert model.cls[0].in_channels == 768
+    assert isinstance(model.head.dropout, nn.Dropout2d) and model.head.dropout.p == 0.1
+
+
+def test_mlp_head_computation():
+    head = SegFormerMLPHead((4, 6), embed_dim=5).eval()
+    feats = [torch.randn(1, 4, 8, 8), torch.randn(1, 6, 4, 4)]
+    with torch.no_grad():
+        c1 = torch.einsum("bchw,ec->behw", feats[0], head.linear_c1.proj.weight) + head.linear_c1.proj.bias[:, None, None]
+        c2 = torch.einsum("bchw,ec->behw", feats[1], head.linear_c2.proj.weight) + head.linear_c2.proj.bias[:, None, None]
+        c2 = F.interpolate(c2, size=(8, 8), mode="bilinear", align_corners=False)
+        fuse = head.linear_fuse
+        expected = torch.relu(fuse.bn(F.conv2d(torch.cat([c2, c1], 1), fuse.conv.weight)))
+        assert torch.allclose(head(feats), expected, atol=1e-6)
+
+
+def test_sats_head_equals_sats_upsample_by_powers_of_two():
+    head = SATSHead((3, 5, 7, 9), channels=4).double()
+    feats = [torch.randn(2, c, 16 // 2 ** i, 24 // 2 ** i, dtype=torch.float64, requires_grad=True)
+             for i, c in enumerate((3, 5, 7, 9))]
+    # SATS's order: upsample by 2**i, concatenate, fuse
+    fused = [nn.Upsample(scale_factor=2 ** i)(head.to_fused[i][0](f)) for i, f in enumerate(feats)]
+    expected = head.to_segmentation(torch.cat(fused, dim=1))
+    assert torch.equal(head.forward_reference(feats), expected)
+    # forward evaluates the same linear map per stage before upsampling: equal up to rounding,
+    # gradients for every weight and input included
+    out = head(feats)
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    inputs = list(head.parameters()) + feats
+    for got, want in zip(torch.autograd.grad(out.square().sum(), inputs),
+                         torch.autograd.grad(expected.square().sum(), inputs)):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="stage 1"):
+        head([feats[0], torch.randn(2, 4, 8, 12), feats[2], feats[3]])
+
+
 @pytest.mark.parametrize("channels, height, width, ratio", [
     (256, 64, 64, 2), (256, 64, 64, 4), (21, 16, 24, 8), (21, 24, 24, 4)])
 def test_nearest_upsampled_add_has_the_broadcast_forms_bits(channels, height, width, ratio):
