@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from utils.reduce import sum_groups
+
 __all__ = ["SATSHead", "SegFormerMLPHead", "MLP_DECODER_DIMS"]
 
 # Official decoder widths (SegFormer configs): 256 for B0/B1, 768 for B2-B5.
@@ -135,15 +137,9 @@ class _AddNearestUpsampled(torch.autograd.Function):
 def _block_sums(grad: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """``(B, C, H, W) -> (B, C, H/kh, W/kw)``: the sum of each block, row by row."""
     g = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
-    rows = g[..., 0::kw]
-    for offset in range(1, kw):
-        rows = rows + g[..., offset::kw]
-    batch, channels, height, width = rows.shape
-    rows = rows.view(batch, channels, height // kh, kh, width)
-    total = rows[:, :, :, 0]
-    for offset in range(1, kh):
-        total = total + rows[:, :, :, offset]
-    return total.to(grad.dtype)
+    height, width = g.shape[-2:]
+    rows = sum_groups(g, width // kw, kw, dim=-1)
+    return sum_groups(rows, height // kh, kh, dim=-2).to(grad.dtype)
 
 
 class MLPProjection(nn.Module):

@@ -1,8 +1,8 @@
-"""utils/reduce.py: channel_max / channel_argmax equal torch.max / argmax over dim 1."""
+"""utils/reduce.py: channel_max / channel_argmax equal torch.max / argmax over dim 1; sum_groups."""
 import pytest
 import torch
 
-from utils.reduce import channel_argmax, channel_max
+from utils.reduce import channel_argmax, channel_max, sum_groups
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 3), (3, 21, 16), (1, 151, 4, 4), (4, 2)])
@@ -28,3 +28,19 @@ def test_integer_and_nan_inputs():
     x[0, 2, 1] = float("nan")  # torch reports the NaN's channel
     values, indices = channel_max(x)
     assert indices.tolist() == [[0, 2, 0]] and torch.isnan(values[0, 1])
+
+
+@pytest.mark.parametrize("dim, m", [(-1, 2), (-1, 8), (-2, 4), (1, 3)])
+def test_sum_groups_is_the_reduction_of_each_group(dim, m):
+    torch.manual_seed(m)
+    x = torch.randn(2, 7, 13, 17) * 10
+    n = x.shape[dim]
+    groups = n // m
+    got = sum_groups(x, groups, m, dim=dim)
+    kept = x.narrow(dim, 0, groups * m)
+    shape = list(x.shape)
+    axis = dim % x.dim()
+    shape[axis:axis + 1] = [groups, m]
+    want = kept.reshape(shape).sum(dim=axis + 1)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-5)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from utils.reduce import channel_argmax
+from utils.reduce import channel_argmax, sum_groups
 
 __all__ = [
     "PodMapOptions",
@@ -327,24 +327,13 @@ def _spread_window_grads(grad_rows: torch.Tensor, grad_cols: torch.Tensor,
     return out
 
 
-def _sum_groups(x: torch.Tensor, groups: int, m: int) -> torch.Tensor:
-    """``(..., n) -> (..., groups)``: sums of ``m`` consecutive entries of the last axis, as ``m``
-    strided slices added (reducing a short last axis is slow in torch on CPU)."""
-    if m == 1:
-        return x[..., :groups]
-    total = x[..., 0:groups * m:m]
-    for offset in range(1, m):
-        total = total + x[..., offset:groups * m:m]
-    return total
-
-
 def _coarser_sums(sums: Tuple[torch.Tensor, torch.Tensor], finer: "_Grid",
                   grid: "_Grid") -> Tuple[torch.Tensor, torch.Tensor]:
     """``_WindowSums`` of ``grid`` from those of ``finer`` (``grid.derives_from(finer)``): each
     coarse window is ``m x m`` fine windows, so its sums add ``m`` fine ones."""
     row_sums, col_sums = sums
     m = grid.size // finer.size
-    coarse_rows = _sum_groups(row_sums[..., :grid.rows, :], grid.scale, m)
+    coarse_rows = sum_groups(row_sums[..., :grid.rows, :], grid.scale, m)
     # the coarse band i is the fine bands i*m .. i*m + m - 1 (the last fine ones may be short)
     coarse_cols = _sum_bands(col_sums[..., :grid.columns], grid.full_bands, m, grid.scale * m)
     return coarse_rows, coarse_cols
